@@ -1,0 +1,7 @@
+"""MemoryFormer: transformers whose fully-connected layers are hash-table Memory Layers."""
+
+from memoryformer.config import PRESETS, ModelConfig
+from memoryformer.layer import MemoryLayer, gather_sum, memory_hash, memory_layer
+
+__all__ = ["MemoryLayer", "ModelConfig", "PRESETS", "gather_sum", "memory_hash", "memory_layer"]
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""The `memoryformer` command: one entry point, one subcommand per verb.
+
+Each verb lives in its own module under `memoryformer.commands`, which defines
+`add_arguments(parser)` and `run(args) -> int`. This file only dispatches, so a
+verb's heavy imports (transformers, lm-eval, matplotlib) load only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module under memoryformer.commands, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "run the main job: train a small MemoryFormer and its dense twin, compare"),
+    "prepare": ("prepare", "tokenise text into memory-mapped token shards"),
+    "train": ("train", "train a MemoryFormer or Pythia-twin language model"),
+    "eval": ("evaluate", "perplexity and zero-shot tasks on a trained model"),
+    "generate": ("generate", "sample text from a trained model"),
+    "export": ("export", "convert a training run to a Hugging Face directory"),
+    "flops": ("flops", "FLOPs, parameters and memory of the paper presets (Table 1, Figure 1)"),
+    "reproduce": ("reproduce", "run one of the paper's comparisons or ablations at small scale"),
+    "bench": ("bench", "benchmarks: MemoryFormer against its dense twin"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memoryformer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module_name, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if only is None or verb == only:
+            _load(module_name).add_arguments(p)
+    return parser
+
+
+def _load(module_name: str):
+    return importlib.import_module(f"memoryformer.commands.{module_name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = argv[0] if argv and argv[0] in VERBS else None
+    parser = build_parser(only=verb)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_load(VERBS[args.verb][0]).run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
+        if getattr(args, "traceback", False):
+            raise
+        print(f"memoryformer {args.verb}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `memoryformer` verb: each defines `add_arguments(parser)` and `run(args)`."""

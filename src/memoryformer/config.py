@@ -1,0 +1,175 @@
+"""ModelConfig: one dataclass for both architectures, with the paper's named presets.
+
+Presets follow ../shared/docs/memoryformer-spec.md §5 and §12.6: MemoryFormer tiny / small /
+base have the depth, width and heads of Pythia-70M / 160M / 410M, tau = 8, K = d / 8 and two
+expanding bits. Small presets of our own (`mf-demo`, `mf-test`, ...) exist for CPU runs and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("memoryformer", "pythia")
+WEIGHTINGS = ("prob", "l1")
+ACTIVATIONS = (None, "gelu")
+
+
+@dataclass
+class ModelConfig:
+    """Every setting of a MemoryFormer or Pythia-twin language model.
+
+    Fields that only one architecture reads are ignored by the other: tau, expanding_bits,
+    weighting, temperature, memory_block_activation and table_init_std are MemoryFormer's;
+    intermediate_size, parallel_residual and attention_bias are Pythia's.
+    """
+
+    vocab_size: int = 50304
+    n_layers: int = 6
+    d_model: int = 512
+    n_heads: int = 8
+    max_seq_len: int = 2048
+    architecture: str = "memoryformer"
+    # attention
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    # norms: LayerNorm eps (Pythia's norms, and the LayerNorm inside the Memory Block);
+    # RMSNorm eps (MemoryFormer's pre-norms and final norm, GPT-NeoX form: x / (rms + eps))
+    norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-8
+    # MemoryFormer
+    tau: int = 8
+    expanding_bits: int = 2
+    weighting: str = "prob"
+    temperature: float = 1.0
+    memory_block_activation: str | None = None
+    memory_bias: bool = True
+    table_init_std: float = 0.02
+    # Pythia twin
+    intermediate_size: int | None = None  # default 4 * d_model
+    parallel_residual: bool = True
+    attention_bias: bool = True
+    # both: std of the embedding, head and Q/K/V tables (dense weights for Pythia);
+    # None means small_init, sqrt(2 / (5 d))
+    init_std: float | None = None
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def num_tables(self) -> int:
+        """K: the number of hash tables of each Memory Layer (d_model / tau)."""
+        return self.d_model // self.tau
+
+    @property
+    def memory_hidden(self) -> int:
+        """Width between ML1 and ML2: K * (tau + expanding_bits)."""
+        return self.num_tables * (self.tau + self.expanding_bits)
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.intermediate_size or 4 * self.d_model
+
+    @property
+    def resolved_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.d_model))
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        need(self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        need(0.0 <= self.rotary_pct <= 1.0, f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        need(self.rotary_dims % 2 == 0, f"rotary dims per head ({self.rotary_dims}) must be even")
+        if self.architecture == "memoryformer":
+            need(1 <= self.tau <= 16, f"tau must be in 1..16, got {self.tau}")
+            need(self.d_model % self.tau == 0, f"d_model={self.d_model} is not divisible by tau={self.tau}")
+            need(0 <= self.expanding_bits and self.tau + self.expanding_bits <= 16,
+                 f"expanding_bits must be >= 0 with tau + expanding_bits <= 16, got {self.expanding_bits}")
+            need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+            need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+            need(self.memory_block_activation in ACTIVATIONS,
+                 f"memory_block_activation must be one of {ACTIVATIONS}, got {self.memory_block_activation!r}")
+
+    # ---- presets and serialisation -------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        fields = {**PRESETS[name], **overrides}
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def twin(self) -> ModelConfig:
+        """The same depth, width, heads, vocabulary and rotary settings in the other architecture."""
+        other = "pythia" if self.architecture == "memoryformer" else "memoryformer"
+        return self.replace(architecture=other)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> ModelConfig:
+        path = Path(text_or_path)
+        text = path.read_text() if not str(text_or_path).lstrip().startswith("{") else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+
+_MF = dict(architecture="memoryformer", tau=8, expanding_bits=2)
+_PY = dict(architecture="pythia")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's models (spec §5.1, §12.6)
+    "mf-tiny": dict(**_MF, n_layers=6, d_model=512, n_heads=8),
+    "mf-small": dict(**_MF, n_layers=12, d_model=768, n_heads=12),
+    "mf-base": dict(**_MF, n_layers=24, d_model=1024, n_heads=16),
+    "pythia-70m": dict(**_PY, n_layers=6, d_model=512, n_heads=8),
+    "pythia-160m": dict(**_PY, n_layers=12, d_model=768, n_heads=12),
+    "pythia-410m": dict(**_PY, n_layers=24, d_model=1024, n_heads=16),
+    # ours, for CPU runs: the main job's pair (d = 256, 4 layers, vocabulary 4096, sequence 256)
+    "mf-demo": dict(**_MF, n_layers=4, d_model=256, n_heads=4, vocab_size=4096, max_seq_len=256),
+    "pythia-demo": dict(**_PY, n_layers=4, d_model=256, n_heads=4, vocab_size=4096, max_seq_len=256),
+    # ours, for tests: seconds on a CPU
+    "mf-test": dict(**_MF, n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=64, tau=4),
+    "pythia-test": dict(**_PY, n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=64),
+}
+
+# the paper's twin pairs, MemoryFormer preset -> dense preset
+PAPER_PAIRS = {"mf-tiny": "pythia-70m", "mf-small": "pythia-160m", "mf-base": "pythia-410m"}
