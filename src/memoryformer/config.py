@@ -167,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mf-demo": dict(**_MF, n_layers=4, d_model=256, n_heads=4, vocab_size=4096, max_seq_len=256),
     "pythia-demo": dict(**_PY, n_layers=4, d_model=256, n_heads=4, vocab_size=4096, max_seq_len=256),
     # ours, for tests: seconds on a CPU
-    "mf-test": dict(**_MF, n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=64, tau=4),
+    "mf-test": {**_MF, "n_layers": 2, "d_model": 64, "n_heads": 4, "vocab_size": 256, "max_seq_len": 64, "tau": 4},
     "pythia-test": dict(**_PY, n_layers=2, d_model=64, n_heads=4, vocab_size=256, max_seq_len=64),
 }
 
