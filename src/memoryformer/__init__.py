@@ -2,6 +2,10 @@
 
 from memoryformer.config import PRESETS, ModelConfig
 from memoryformer.layer import MemoryLayer, gather_sum, memory_hash, memory_layer
+from memoryformer.model import KVCache, LanguageModel
 
-__all__ = ["MemoryLayer", "ModelConfig", "PRESETS", "gather_sum", "memory_hash", "memory_layer"]
+__all__ = [
+    "KVCache", "LanguageModel", "MemoryLayer", "ModelConfig", "PRESETS",
+    "gather_sum", "memory_hash", "memory_layer",
+]
 __version__ = "0.1.0"
