@@ -107,7 +107,8 @@ def gather_sum(rows: Tensor, weights: Tensor, table: Tensor, bias: Tensor | None
     out_features = table.shape[-1]
     flat_rows = rows.reshape(-1, num_tables)
     if flat_rows.shape[0] == 0:
-        out = table.new_zeros(0, out_features) + table.sum() * 0  # keeps the autograd graph
+        # zero tokens: an empty output still connected to table and weights, so backward gives zero grads
+        out = table.new_zeros(0, out_features) + (table.sum() + weights.sum().to(table.dtype)) * 0
     else:
         out = F.embedding_bag(
             flat_rows,
