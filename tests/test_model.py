@@ -1,0 +1,260 @@
+"""LanguageModel: GPT-NeoX equivalence, KV-cache decoding against the full forward, generate, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memoryformer import LanguageModel, ModelConfig
+from memoryformer.config import PRESETS
+from memoryformer.model import MemoryFormerBlock, PythiaBlock, RMSNorm, apply_rotary, sample_next_token
+
+ARCHS = ["mf-test", "pythia-test"]
+
+
+def tiny(preset: str, **overrides) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(ModelConfig.from_preset(preset, **overrides)).eval()
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+def test_presets_and_json_round_trip(tmp_path):
+    for name in PRESETS:
+        cfg = ModelConfig.from_preset(name)
+        assert ModelConfig.from_json(cfg.to_json()) == cfg
+    cfg = ModelConfig.from_preset("mf-tiny", weighting="l1", expanding_bits=3)
+    cfg.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == cfg
+    assert json.loads(cfg.to_json())["weighting"] == "l1"
+
+
+def test_paper_preset_shapes():
+    tiny_cfg, small, base = (ModelConfig.from_preset(n) for n in ("mf-tiny", "mf-small", "mf-base"))
+    assert (tiny_cfg.n_layers, tiny_cfg.d_model, tiny_cfg.n_heads, tiny_cfg.num_tables) == (6, 512, 8, 64)
+    assert (small.n_layers, small.d_model, small.n_heads, small.num_tables) == (12, 768, 12, 96)
+    assert (base.n_layers, base.d_model, base.n_heads, base.num_tables) == (24, 1024, 16, 128)
+    assert tiny_cfg.memory_hidden == 640 and tiny_cfg.rotary_dims == 16 and tiny_cfg.vocab_size == 50304
+    assert tiny_cfg.twin() == ModelConfig.from_preset("pythia-70m")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        ModelConfig.from_preset("nope")
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_preset("mf-test", colour="red")
+    with pytest.raises(ValueError, match="not divisible by n_heads"):
+        ModelConfig(d_model=100, n_heads=3)
+    with pytest.raises(ValueError, match="not divisible by tau"):
+        ModelConfig(d_model=100, n_heads=4, tau=8)
+    with pytest.raises(ValueError, match="architecture"):
+        ModelConfig(architecture="rnn")
+    with pytest.raises(ValueError, match="expanding_bits"):
+        ModelConfig(tau=8, expanding_bits=9)
+    with pytest.raises(ValueError, match="memory_block_activation"):
+        ModelConfig(memory_block_activation="relu")
+
+
+# ---- blocks -----------------------------------------------------------------------------------
+
+
+def test_memoryformer_block_structure():
+    cfg = ModelConfig.from_preset("mf-tiny")
+    with torch.device("meta"):
+        block = MemoryFormerBlock(cfg, 0)
+    attn, mlp = block.attn, block.mlp
+    assert [m.table.shape for m in (attn.q_proj, attn.k_proj, attn.v_proj)] == [(64 * 256, 512)] * 3
+    assert mlp.ml1.table.shape == (64 * 256, 640) and mlp.ml1.tau == 8
+    assert mlp.ml2.table.shape == (64 * 1024, 512) and mlp.ml2.tau == 10
+    assert isinstance(block.attn_norm, RMSNorm) and isinstance(mlp.norm, torch.nn.LayerNorm)
+    assert not any(isinstance(m, torch.nn.Linear) for m in block.modules())  # no W_O, no dense layers
+    # 69.2M parameters per block (spec §5.3)
+    assert sum(p.numel() for p in block.parameters()) / 1e6 == pytest.approx(69.2, abs=0.05)
+
+
+def test_memoryformer_block_matches_handwritten_reference():
+    """The block equals spec §4/§12 written out by hand, with the GeLU variant."""
+    torch.manual_seed(1)
+    cfg = ModelConfig.from_preset("mf-test", memory_block_activation="gelu", rms_norm_eps=1e-6)
+    block = MemoryFormerBlock(cfg, 0).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 6, cfg.d_model, dtype=torch.float64)
+    from memoryformer.model import rotary_cos_sin
+
+    rope = rotary_cos_sin(torch.arange(6), cfg.rotary_dims, cfg.rotary_base, torch.float64)
+
+    def rms(v, w):
+        return w * v / (v.pow(2).mean(-1, keepdim=True).sqrt() + cfg.rms_norm_eps)
+
+    a = block.attn
+    xn = rms(x, block.attn_norm.weight)
+    q, k, v = a.q_proj(xn), a.k_proj(xn), a.v_proj(xn)
+    H, Dh = cfg.n_heads, cfg.head_dim
+    q, k, v = (t.view(2, 6, H, Dh).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    scores = q @ k.transpose(-1, -2) / Dh**0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf"))
+    attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, cfg.d_model)
+    h = x + attn
+    m = block.mlp
+    y = h + m.ml2(torch.nn.functional.gelu(m.norm(m.ml1(rms(h, block.mlp_norm.weight)))))
+    torch.testing.assert_close(block(x, rope), y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
+@pytest.mark.parametrize("parallel_residual", [True, False])
+def test_pythia_matches_transformers_gpt_neox(rotary_pct, parallel_residual):
+    transformers = pytest.importorskip("transformers")
+    from memoryformer.neox import config_to_hf
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("pythia-test", rotary_pct=rotary_pct, parallel_residual=parallel_residual)
+    hf = transformers.GPTNeoXForCausalLM(config_to_hf(cfg)).eval()
+    with torch.no_grad():  # random biases and norms too, so every parameter matters
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = LanguageModel.from_hf_gpt_neox(hf).eval()
+    assert ours.config.rotary_pct == rotary_pct and ours.config.parallel_residual == parallel_residual
+    idx = torch.randint(0, cfg.vocab_size, (3, 19))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_from_hf_gpt_neox_loads_a_saved_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from memoryformer.neox import config_to_hf
+
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoXForCausalLM(config_to_hf(ModelConfig.from_preset("pythia-test"))).eval()
+    hf.save_pretrained(tmp_path)
+    ours = LanguageModel.from_hf_gpt_neox(str(tmp_path)).eval()
+    idx = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_pythia_block_is_gpt_neox_layout():
+    cfg = ModelConfig.from_preset("pythia-70m")
+    with torch.device("meta"):
+        block = PythiaBlock(cfg, 0)
+    names = {n for n, _ in block.named_parameters()}
+    assert "attention.query_key_value.weight" in names and "mlp.dense_4h_to_h.bias" in names
+    assert sum(p.numel() for p in block.parameters()) == 12 * 512 * 512 + 9 * 512 + 4 * 512  # weights, biases, norms
+
+
+# ---- forward, loss, cache, generate ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ARCHS)
+def test_loss_is_cross_entropy_with_ignore_index(preset):
+    model = tiny(preset)
+    idx = torch.randint(0, 256, (2, 10))
+    targets = torch.randint(0, 256, (2, 10))
+    targets[0, :4] = -100
+    logits, loss = model(idx, targets)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+    assert logits.shape == (2, 10, 256)
+
+
+@pytest.mark.parametrize("preset", ARCHS)
+@pytest.mark.parametrize("chunks", [[20], [1] * 20, [7, 1, 1, 5, 6], [3, 17]])
+def test_incremental_decoding_equals_full_forward(preset, chunks):
+    model = tiny(preset)
+    idx = torch.randint(0, 256, (3, sum(chunks)))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(3, sum(chunks))
+        parts, start = [], 0
+        for n in chunks:
+            logits, _ = model(idx[:, start:start + n], cache=cache)
+            parts.append(logits)
+            start += n
+    assert cache.length == sum(chunks)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ARCHS)
+def test_greedy_generate_equals_argmax_of_full_forward(preset):
+    model = tiny(preset)
+    prompt = torch.randint(0, 256, (2, 5))
+    out = model.generate(prompt, 8, temperature=0)
+    assert out.shape == (2, 13) and torch.equal(out[:, :5], prompt)
+    with torch.no_grad():
+        for t in range(5, 13):
+            logits, _ = model(out[:, :t])
+            assert torch.equal(out[:, t], logits[:, -1].argmax(-1))
+
+
+def test_generate_sampling_is_reproducible_and_stops():
+    model = tiny("mf-test")
+    prompt = torch.randint(0, 256, (2, 4))
+    a = model.generate(prompt, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 10, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    first = model.generate(prompt[:1], 1, temperature=0)[0, -1].item()
+    stopped = model.generate(prompt[:1], 10, temperature=0, stop_token=first)
+    assert stopped.shape == (1, 5)
+    streamed = []
+    model.generate(prompt, 3, temperature=0, on_token=streamed.append)
+    assert len(streamed) == 3 and streamed[0].shape == (2,)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        model.generate(prompt, 61)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {2, 3}
+    # top_p 0.6: p = softmax = [.032, .087, .237, .644] -> only the top token is needed
+    draws = {sample_next_token(logits, top_p=0.6, generator=g).item() for _ in range(100)}
+    assert draws == {3}
+    assert sample_next_token(logits, temperature=0).item() == 3
+
+
+def test_forward_errors():
+    model = tiny("mf-test")
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_models_build_on_meta_device():
+    with torch.device("meta"):
+        model = LanguageModel(ModelConfig.from_preset("mf-base"))
+    assert model.num_parameters() / 1e9 == pytest.approx(6.75, abs=0.005)
+    assert model.head.weight.is_meta
+
+
+@pytest.mark.parametrize("preset", ARCHS)
+def test_backward_reaches_every_parameter(preset):
+    model = tiny(preset).train()
+    idx = torch.randint(0, 256, (2, 12))
+    _, loss = model(idx, idx)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "table" not in n)
+
+
+def test_init_stds():
+    model = LanguageModel(ModelConfig.from_preset("mf-demo"))
+    small_init = (2 / (5 * 256)) ** 0.5
+    assert model.embed.weight.std().item() == pytest.approx(small_init, rel=0.02)
+    assert model.blocks[0].attn.q_proj.table.std().item() == pytest.approx(small_init, rel=0.02)
+    assert model.blocks[0].mlp.ml2.table.std().item() == pytest.approx(0.02, rel=0.02)
