@@ -1,5 +1,6 @@
 """The `memoryformer` command: one entry point, one subcommand per verb.
 
+Errors are printed as one line; set MEMORYFORMER_TRACEBACK=1 to see the full traceback.
 Each verb lives in its own module under `memoryformer.commands`, which defines
 `add_arguments(parser)` and `run(args) -> int`. This file only dispatches, so a
 verb's heavy imports (transformers, lm-eval, matplotlib) load only when it runs.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # verb -> (module under memoryformer.commands, one-line help)
@@ -30,7 +32,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module_name, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        if only is None or verb == only:
+        if verb == only:  # only the chosen verb's module is imported
             _load(module_name).add_arguments(p)
     return parser
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
-        if getattr(args, "traceback", False):
+        if os.environ.get("MEMORYFORMER_TRACEBACK"):
             raise
         print(f"memoryformer {args.verb}: error: {err}", file=sys.stderr)
         return 1
