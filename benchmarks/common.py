@@ -1,0 +1,93 @@
+"""Shared benchmark helpers: interleaved timing with medians, the machine's description, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """CPU model, threads, torch version and allocator settings of this run."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 5, min_time: float = 0.05,
+                     sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each fn, measured in alternating rounds so noise hits all alike.
+
+    Each round runs each fn enough times to last about `min_time` seconds (calibrated once)."""
+    sync = sync or (lambda: None)
+    reps = {}
+    for name, fn in fns.items():
+        fn()
+        sync()  # warm-up
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        one = max(time.perf_counter() - t0, 1e-7)
+        reps[name] = max(1, min(10_000, int(min_time / one)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / reps[name])
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], *, title: str,
+                  notes: list[str] | None = None, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write results/NAME.json and results/NAME.md (a Markdown table of `columns`: (key, header))."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])
+    meta = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    payload = {**meta, **(extra or {}), "rows": rows}
+    json_path = RESULTS / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    m = meta["machine"]
+    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {m['cpu']}, {m['torch_threads']} threads, "
+             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"  ", f"Date: {meta['date']}", ""]
+    lines += ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k)) for k, _ in columns) + " |")
+    for note in notes or []:
+        lines += ["", note]
+    md_path = RESULTS / f"{name}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "" if v is None else str(v)
