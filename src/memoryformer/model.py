@@ -288,15 +288,11 @@ class LanguageModel(nn.Module):
                     nn.init.zeros_(module.bias)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
-                ignore_index: int = -100, last_logits_only: bool = False) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) int64 -> logits (B, T, vocab) (or (B, 1, vocab) with last_logits_only), and the
-        mean cross-entropy against targets (B, T) (positions equal to ignore_index skipped) or None.
-
-        With a cache, idx holds the T tokens after the cache's `length` cached positions."""
+    def hidden_states(self, idx: Tensor, *, cache: KVCache | None = None) -> Tensor:
+        """idx (B, T) int64 -> final-normed hidden states (B, T, d), everything but the head."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"idx must be an int64 tensor of shape (batch, seq), got {idx.dtype} {tuple(idx.shape)}")
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}")
@@ -307,7 +303,15 @@ class LanguageModel(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
+                ignore_index: int = -100, last_logits_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) int64 -> logits (B, T, vocab) (or (B, 1, vocab) with last_logits_only), and the
+        mean cross-entropy against targets (B, T) (positions equal to ignore_index skipped) or None.
+
+        With a cache, idx holds the T tokens after the cache's `length` cached positions."""
+        x = self.hidden_states(idx, cache=cache)
         if last_logits_only:
             x = x[:, -1:]
         logits = self.head(x)
