@@ -24,8 +24,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +87,14 @@ class _SplitWriter:
 
 
 def _temp_path(out: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    return Path(tmp)
+    """A new hidden file beside its final name, with the usual permissions (mkstemp's are 0600)."""
+    while True:
+        path = out / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            open(path, "xb").close()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _fallback_rule(index: int, block: int, to_val: bool) -> bool:
@@ -98,8 +103,8 @@ def _fallback_rule(index: int, block: int, to_val: bool) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    tmp = _temp_path(path.parent, path.name)
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
@@ -188,7 +193,7 @@ def prepare(
         for path in temps.values():
             path.unlink(missing_ok=True)
 
-    tok_tmp = out / ".tokenizer.json.tmp"
+    tok_tmp = _temp_path(out, "tokenizer.json")
     tok.save(str(tok_tmp))
     os.replace(tok_tmp, out / "tokenizer.json")
     meta = {
