@@ -265,11 +265,13 @@ def perplexity(logits_fn: LogitsFn, tokens: Sequence[int], *, max_length: int, s
     """Perplexity of a token sequence scored in windows of at most `max_length` tokens.
 
     With `prefix_token_id` the sequence is [prefix] + tokens and every token is scored; without it the
-    first token is only context. Targets are taken `stride` at a time (default `max_length`:
-    non-overlapping windows); each window's input is the up-to-`max_length` tokens before its last
-    target, so a smaller stride gives every scored token more context. Returns tokens (scored), nll
-    (summed, nats), loss (nll / tokens), perplexity (exp loss), and with `n_bytes` bytes and
-    bits_per_byte (nll / ln 2 / n_bytes).
+    first token is only context. The windows are lm-eval's rolling ones (`get_rolling_token_windows`
+    with context_len = max_length - stride + 1): the first window scores its `max_length` targets, each
+    later one scores the next `stride` targets from the `max_length` tokens before its last target.
+    The default stride, `max_length`, gives non-overlapping windows (lm-eval's loglikelihood_rolling);
+    a smaller stride gives every scored token at least max_length - stride tokens of context. Returns
+    tokens (scored), nll (summed, nats), loss (nll / tokens), perplexity (exp loss), and with
+    `n_bytes` bytes and bits_per_byte (nll / ln 2 / n_bytes).
     """
     stride = max_length if stride is None else stride
     if not 1 <= stride <= max_length:
@@ -278,11 +280,12 @@ def perplexity(logits_fn: LogitsFn, tokens: Sequence[int], *, max_length: int, s
     if len(seq) < 2:
         raise ValueError(f"need at least 2 tokens (prefix included) to score, got {len(seq)}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    # window k scores targets seq[s:e] from input seq[a:e-1]
-    windows = []
-    for s in range(1, len(seq), stride):
-        e = min(s + stride, len(seq))
-        windows.append((max(0, e - 1 - max_length), s, e))
+    # window (a, s, e) scores targets seq[s:e] from input seq[a:e-1]
+    end = min(1 + max_length, len(seq))
+    windows = [(0, 1, end)]
+    while end < len(seq):
+        start, end = end, min(end + stride, len(seq))
+        windows.append((end - 1 - max_length, start, end))
     nll = 0.0
     bar = tqdm(total=len(seq) - 1, desc="perplexity", disable=not progress, leave=False)
     for start in range(0, len(windows), batch_size):

@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert the tasks' data to jsonl + lm-eval YAMLs in DIR, for "
                              "`lm_eval --include_path DIR --tasks mf_piqa,...` (offline)")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and their standard files")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
 def load_model_for_eval(path: str | Path) -> tuple[Any, Any]:
