@@ -308,6 +308,12 @@ def test_small_corpus_never_has_an_empty_split(tmp_path):
     data = TokenData(tmp_path / "out")
     assert split_documents(data, "val") == [docs[1]] and meta["val_fallback_block"] == 1
     assert split_documents(data, "train") == [docs[0], docs[2]]
+    # and the other way round: a rule that holds out every block leaves the longest one for training
+    seed = next(s for s in range(100) if all(is_val_block(i, s, 0.9) for i in range(3)))
+    meta = prepare([str(tmp_path / "c")], tmp_path / "out2", vocab_size=270, seed=seed, val_fraction=0.9,
+                   progress=False)
+    data = TokenData(tmp_path / "out2")
+    assert split_documents(data, "train") == [docs[1]] and split_documents(data, "val") == [docs[0], docs[2]]
     # one document cannot be split
     write_docs(tmp_path / "one", docs[1:2])
     with pytest.raises(ValueError, match="too small to split"):
