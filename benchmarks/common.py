@@ -76,7 +76,7 @@ def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], *
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     m = meta["machine"]
     lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {m['cpu']}, {m['torch_threads']} threads, "
-             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"  ", f"Date: {meta['date']}", ""]
+             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + "  ", f"Date: {meta['date']}", ""]
     lines += ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(k)) for k, _ in columns) + " |")
