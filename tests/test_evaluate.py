@@ -326,7 +326,7 @@ def test_eval_command(tokenizer, tmp_path, monkeypatch, capsys):
     from memoryformer.tasks import load_task
 
     fake = FakeLM(tokenizer.get_vocab_size(), seed=5)
-    monkeypatch.setattr(command, "load_model_for_eval", lambda path: (FakeModule(fake, 16), tokenizer))
+    monkeypatch.setattr(command, "load_model_for_eval", lambda path, device=None: (FakeModule(fake, 16), tokenizer))
     _task_files(tmp_path / "tasks")
     text_file = tmp_path / "book.txt"
     text_file.write_text("The quick brown fox jumps over the lazy dog. " * 3)
@@ -361,11 +361,14 @@ def test_eval_command_writes_lm_eval_tasks(tmp_path, capsys):
                                                       "mf_piqa.yaml"]
 
 
-def test_load_model_for_eval_explains_what_is_missing(monkeypatch):
+def test_load_model_for_eval_errors(monkeypatch):
     import sys
 
     from memoryformer.commands.evaluate import load_model_for_eval
 
-    monkeypatch.setitem(sys.modules, "memoryformer.checkpoint", None)  # as if it did not exist
+    with pytest.raises(FileNotFoundError, match="some/run"):
+        load_model_for_eval("some/run")
+    for name in ("memoryformer.hf", "memoryformer.checkpoint"):  # as if neither could be imported
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(RuntimeError, match="no memoryformer.checkpoint.load_model"):
         load_model_for_eval("some/run")

@@ -41,21 +41,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and their standard files")
 
 
-def load_model_for_eval(path: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a trained model directory, via `memoryformer.checkpoint.load_model`.
+def load_model_for_eval(path: str | Path, device: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from a training run, a checkpoint file or a Hugging Face directory.
 
-    The model must map ids (batch, seq) to `(logits, loss)` as `LanguageModel` does.
+    Uses `memoryformer.hf.load_any` (which also reads HF directories) when transformers is installed,
+    else `memoryformer.checkpoint.load_model`. The model maps ids (batch, seq) to `(logits, loss)`.
     """
     try:
-        from memoryformer.checkpoint import load_model
-    except ImportError as err:
-        if err.name != "memoryformer.checkpoint":  # a broken import inside it: show that
-            raise
-        raise RuntimeError(
-            f"cannot load {path}: this install has no memoryformer.checkpoint.load_model yet; build a "
-            "memoryformer.evaluate.Scorer from your own model and tokenizer instead"
-        ) from None
-    return load_model(path)
+        from memoryformer.hf import load_any as load
+    except ImportError:  # no transformers: training runs and checkpoint files only
+        try:
+            from memoryformer.checkpoint import load_model as load
+        except ImportError as err:
+            if err.name != "memoryformer.checkpoint":  # a broken import inside it: show that
+                raise
+            raise RuntimeError(
+                f"cannot load {path}: this install has no memoryformer.checkpoint.load_model; build a "
+                "memoryformer.evaluate.Scorer from your own model and tokenizer instead"
+            ) from None
+    model, tokenizer = load(path, device=device or "cpu")
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer (tokenizer.json): the tasks need one to tokenise their text")
+    return model, tokenizer
 
 
 def _split(values: list[str]) -> list[str]:
@@ -131,9 +138,7 @@ def build_scorer(args: argparse.Namespace):
 
     from memoryformer.evaluate import Scorer
 
-    model, tokenizer = load_model_for_eval(args.model)
-    if args.device:
-        model = model.to(args.device)
+    model, tokenizer = load_model_for_eval(args.model, args.device)
     model.eval()
     device = args.device or next(model.parameters()).device
     max_length = args.max_length or getattr(getattr(model, "config", None), "max_seq_len", None)
@@ -176,4 +181,4 @@ def format_results(results: dict[str, Any]) -> str:
         for file, m in results["perplexity"].items():
             bpb = f"{m['bits_per_byte']:.4f}" if "bits_per_byte" in m else ""
             lines.append(f"{file[-40:]:<40} {m['tokens']:>10} {m['perplexity']:>11.3f} {bpb:>10}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
