@@ -431,6 +431,7 @@ def save_pretrained(model: LanguageModel, out_dir: str | Path, tokenizer: Any = 
         settings = json.loads(tokenizer_config.read_text())
         settings["tokenizer_class"] = "PreTrainedTokenizerFast"
         tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
+        tokenizer.save(str(out / "tokenizer.json"))  # the run's own file, not transformers' rewrite of it
     return out
 
 
