@@ -1,0 +1,202 @@
+"""Fast CPU paths for the Memory Layer, behind torch.library custom ops (`torch.ops.memoryformer.*`).
+
+The math is memoryformer.layer's (the pure-PyTorch reference); these kernels fuse the hash with the
+weighted gather, split a token's output columns across threads at small N, block by table rows at
+large N, and give the table / weight / input gradients without a dense `embedding_bag` backward.
+Nothing compiles at import: the first use builds the C++ source (see `_loader`), and if that fails
+the layer falls back to the pure path with one warning.
+
+Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
+    memory_layer(x, table, bias=None, *, tau=8, weighting="prob", temperature=1.0) -> (..., out)
+    memory_layers(x, tables, biases=None, *, tau, weighting, temperature) -> [(..., out_i)]
+        one hash shared by several tables (Q, K, V)
+    memory_hash(x, tau, weighting="prob", temperature=1.0) -> (rows int64, weights)
+    gather_sum(rows, weights, table, bias=None) -> (..., out)
+    quantize_tables(table) -> (int8 table, fp32 per-row scales)
+    memory_layer_int8(x, qtable, scales, bias=None, *, tau, weighting, temperature) -> float32
+    backend(name) context manager, set_backend(name), get_backend(): "auto" | "kernels" | "torch"
+    load() -> bool (build/load now), loaded() -> bool, last_error()
+The layer (memoryformer.layer.memory_layer) dispatches here through `try_memory_layer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from memoryformer.kernels._backend import BACKENDS, backend, get_backend, set_backend
+from memoryformer.kernels._loader import last_error, load, loaded
+
+__all__ = [
+    "BACKENDS", "backend", "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash",
+    "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
+    "supported", "try_memory_layer",
+]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def supported(x: Tensor, *tables: Tensor) -> bool:
+    """True if the kernels handle these tensors (CPU; x and tables float32 or bfloat16)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        return False
+    return all(t.device.type == "cpu" and t.dtype in _DTYPES and t.dim() == 2 for t in tables)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _require() -> None:
+    if not load():
+        raise RuntimeError(
+            f"memoryformer kernels are unavailable ({last_error()!r}); use memoryformer.layer instead"
+        )
+
+
+def memory_layers(
+    x: Tensor,
+    tables: list[Tensor],
+    biases: list[Tensor | None] | None = None,
+    *,
+    tau: int = 8,
+    weighting: str = "prob",
+    temperature: float = 1.0,
+) -> list[Tensor]:
+    """Several Memory Layers sharing one hash of x (Q, K, V): hash once, gather every table.
+
+    Args:
+        x: (..., K * tau); tables: each (K * 2**tau, out_i); biases: each (out_i,) or None.
+    Returns:
+        [(..., out_i)] in each table's dtype. Falls back to the pure path when kernels are off or
+        unsupported for these tensors.
+    """
+    biases = list(biases) if biases is not None else [None] * len(tables)
+    if len(biases) != len(tables):
+        raise ValueError(f"got {len(tables)} tables but {len(biases)} biases; pass None for no bias")
+    if get_backend() == "torch" or not supported(x, *tables) or not load():
+        from memoryformer.layer import memory_hash as ref_hash
+        from memoryformer.layer import memory_layer as ref_layer
+
+        hashed = ref_hash(x, tau, weighting, temperature)
+        return [ref_layer(x, t, b, tau=tau, weighting=weighting, temperature=temperature, hashed=hashed)
+                for t, b in zip(tables, biases)]
+    outs = torch.ops.memoryformer.memory_layer(_flat(x), list(tables), biases, tau, weighting,
+                                               float(temperature))
+    return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
+
+
+def memory_layer(
+    x: Tensor,
+    table: Tensor,
+    bias: Tensor | None = None,
+    *,
+    tau: int = 8,
+    weighting: str = "prob",
+    temperature: float = 1.0,
+) -> Tensor:
+    """The fused hash + gather op for one table: (..., K*tau) -> (..., out). Requires the kernels."""
+    _require()
+    out = torch.ops.memoryformer.memory_layer(_flat(x), [table], [bias], tau, weighting, float(temperature))[0]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def memory_hash(x: Tensor, tau: int, weighting: str = "prob", temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The hash as one op: rows (..., K) int64 and weights (..., K) in x's dtype (differentiable)."""
+    _require()
+    rows, w = torch.ops.memoryformer.hash(_flat(x), tau, weighting, float(temperature))
+    lead = x.shape[:-1]
+    return rows.reshape(*lead, rows.shape[-1]), w.reshape(*lead, w.shape[-1])
+
+
+def gather_sum(rows: Tensor, weights: Tensor, table: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`out[n] = sum_k weights[n, k] * table[rows[n, k]] + bias` as one op; rows (..., K)."""
+    _require()
+    k = rows.shape[-1]
+    out = torch.ops.memoryformer.gather_sum(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
+    return out.reshape(*rows.shape[:-1], out.shape[-1])
+
+
+def quantize_tables(table: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 quantisation for inference.
+
+    Args:
+        table: (R, out_features) float.
+    Returns:
+        qtable (R, out_features) int8 and scales (R,) float32 with table ~= qtable * scales[:, None].
+    """
+    if table.dim() != 2 or not table.is_floating_point():
+        raise ValueError(f"quantize_tables expects a 2-D float table, got {tuple(table.shape)} {table.dtype}")
+    t = table.detach().float()
+    scales = t.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(t / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def memory_layer_int8(
+    x: Tensor,
+    qtable: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    *,
+    tau: int = 8,
+    weighting: str = "prob",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Memory Layer over an int8 table with per-row scales (from `quantize_tables`), inference only.
+
+    Returns (..., out_features) float32. Without the kernels, dequantises and uses the pure path.
+    """
+    if not (get_backend() != "torch" and supported(x) and load()):
+        from memoryformer.layer import memory_layer as ref_layer
+
+        table = qtable.float() * scales.float()[:, None]
+        return ref_layer(x.float(), table, None if bias is None else bias.float(), tau=tau,
+                         weighting=weighting, temperature=temperature)
+    out = torch.ops.memoryformer.memory_layer_q8(_flat(x), qtable, scales, bias, tau, weighting,
+                                                 float(temperature))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _use_kernels(n: int, d: int, grad: bool) -> bool:
+    """The "auto" threshold table: is the kernel faster than embedding_bag at this shape?"""
+    return True
+
+
+def try_memory_layer(
+    x: Tensor,
+    table: Tensor,
+    bias: Tensor | None,
+    tau: int,
+    weighting: str,
+    temperature: float,
+    hashed: tuple[Tensor, Tensor] | None = None,
+) -> Tensor | None:
+    """The layer's hook: the kernel result, or None to take the pure-PyTorch path.
+
+    Inputs are already validated by memoryformer.layer.memory_layer.
+    """
+    mode = get_backend()
+    if mode == "torch" or not supported(x, table):
+        return None
+    if bias is not None and (bias.device.type != "cpu" or bias.dtype not in _DTYPES):
+        return None
+    if torch.jit.is_scripting() or x.dim() == 0:
+        return None
+    n = x.numel() // max(x.shape[-1], 1)
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or table.requires_grad or (bias is not None and bias.requires_grad)
+        or (hashed is not None and hashed[1].requires_grad)
+    )
+    if mode == "auto" and not _use_kernels(n, table.shape[1], grad):
+        return None
+    if not load():
+        return None
+    if hashed is None:
+        out = torch.ops.memoryformer.memory_layer(_flat(x), [table], [bias], tau, weighting, float(temperature))[0]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    rows, weights = hashed
+    k = rows.shape[-1]
+    out = torch.ops.memoryformer.gather_sum(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
+    return out.reshape(*x.shape[:-1], out.shape[-1])

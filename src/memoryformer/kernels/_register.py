@@ -1,0 +1,158 @@
+"""Python-side registrations for the C++ `memoryformer::*` ops: fake (meta) kernels for
+torch.compile / meta tensors, autograd formulas, and FLOP formulas for torch.utils.flop_counter.
+
+Called once by `_loader.load()` after the shared library is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_done = False
+
+
+def _empty_like_flag(flag: bool, like: Tensor) -> Tensor:
+    return torch.empty_like(like, memory_format=torch.contiguous_format) if flag else like.new_empty(0)
+
+
+# ---- fake kernels ---------------------------------------------------------------------------------
+def _fake_memory_layer(x, tables, biases, tau, weighting, temperature):
+    return [x.new_empty((x.shape[0], t.shape[1]), dtype=t.dtype) for t in tables]
+
+
+def _fake_memory_layer_backward(grads, x, tables, tau, weighting, temperature, need_x, need_tables):
+    return _empty_like_flag(need_x, x), [_empty_like_flag(need_tables, t) for t in tables]
+
+
+def _fake_memory_layer_q8(x, qtable, scales, bias, tau, weighting, temperature):
+    return x.new_empty((x.shape[0], qtable.shape[1]), dtype=torch.float32)
+
+
+def _fake_gather_sum(rows, weights, table, bias):
+    return table.new_empty((rows.shape[0], table.shape[1]))
+
+
+def _fake_gather_sum_backward(grad, rows, weights, table, need_weights, need_table):
+    gw = weights.new_empty(weights.shape) if need_weights else weights.new_empty(0)
+    return gw, _empty_like_flag(need_table, table)
+
+
+def _fake_hash(x, tau, weighting, temperature):
+    shape = (x.shape[0], x.shape[1] // tau)
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape)
+
+
+def _fake_hash_backward(grad_weights, x, tau, weighting, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+def _ml_setup(ctx, inputs, output):
+    x, tables, biases, tau, weighting, temperature = inputs
+    ctx.save_for_backward(x, *tables)
+    ctx.hash_args = (tau, weighting, temperature)
+    ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+
+
+def _ml_backward(ctx, grads):
+    x, *tables = ctx.saved_tensors
+    need_x = bool(ctx.needs_input_grad[0])
+    need_tables = any(ctx.needs_input_grad[1])
+    grads = [
+        g if g is not None else torch.zeros((x.shape[0], t.shape[1]), dtype=t.dtype)
+        for g, t in zip(grads, tables)
+    ]
+    gx, gtables = torch.ops.memoryformer.memory_layer_backward(
+        grads, x, tables, *ctx.hash_args, need_x, need_tables
+    )
+    gbiases = [
+        None if dt is None or not need else g.sum(0, dtype=torch.float32).to(dt)
+        for dt, need, g in zip(ctx.bias_dtypes, ctx.needs_input_grad[2], grads)
+    ]
+    gtables = [gt if need else None for gt, need in zip(gtables, ctx.needs_input_grad[1])]
+    return (gx if need_x else None), gtables, gbiases, None, None, None
+
+
+def _gs_setup(ctx, inputs, output):
+    rows, weights, table, bias = inputs
+    ctx.save_for_backward(rows, weights, table)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gs_backward(ctx, grad):
+    rows, weights, table = ctx.saved_tensors
+    need_w, need_t, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    gw, gt = torch.ops.memoryformer.gather_sum_backward(grad, rows, weights, table, need_w, need_t)
+    gb = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_b and ctx.bias_dtype else None
+    return None, (gw if need_w else None), (gt if need_t else None), gb
+
+
+def _hash_setup(ctx, inputs, output):
+    x, tau, weighting, temperature = inputs
+    ctx.save_for_backward(x)
+    ctx.hash_args = (tau, weighting, temperature)
+
+
+def _hash_backward(ctx, grad_rows, grad_weights):
+    (x,) = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None, None, None
+    return torch.ops.memoryformer.hash_backward(grad_weights, x, *ctx.hash_args), None, None, None
+
+
+# ---- FLOP formulas (one multiply-add = 2 FLOPs, as torch.utils.flop_counter counts mm) -----------
+def _register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    ops = torch.ops.memoryformer
+
+    @register_flop_formula(ops.memory_layer)
+    def _(x_shape, tables_shapes, *args, out_shape=None, **kwargs) -> int:
+        n, k = x_shape[0], x_shape[1] // args[1]
+        return sum(2 * n * k * s[1] for s in tables_shapes)
+
+    @register_flop_formula(ops.memory_layer_backward)
+    def _(grads_shapes, x_shape, tables_shapes, tau, weighting, temperature, need_x, need_tables,
+          *args, out_shape=None, **kwargs) -> int:
+        n, k = x_shape[0], x_shape[1] // tau
+        passes = int(bool(need_x)) + int(bool(need_tables))
+        return sum(2 * passes * n * k * s[1] for s in tables_shapes)
+
+    @register_flop_formula(ops.memory_layer_q8)
+    def _(x_shape, qtable_shape, scales_shape, bias_shape, tau, *args, out_shape=None, **kwargs) -> int:
+        return 2 * x_shape[0] * (x_shape[1] // tau) * qtable_shape[1]
+
+    @register_flop_formula(ops.gather_sum)
+    def _(rows_shape, weights_shape, table_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * rows_shape[0] * rows_shape[1] * table_shape[1]
+
+    @register_flop_formula(ops.gather_sum_backward)
+    def _(grad_shape, rows_shape, weights_shape, table_shape, need_w, need_t, *args, out_shape=None,
+          **kwargs) -> int:
+        passes = int(bool(need_w)) + int(bool(need_t))
+        return 2 * passes * rows_shape[0] * rows_shape[1] * table_shape[1]
+
+
+def register_python_side() -> None:
+    """Register fake kernels, autograd and FLOP formulas (idempotent)."""
+    global _done
+    if _done:
+        return
+    lib = "memoryformer::"
+    fakes = {
+        "memory_layer": _fake_memory_layer,
+        "memory_layer_backward": _fake_memory_layer_backward,
+        "memory_layer_q8": _fake_memory_layer_q8,
+        "gather_sum": _fake_gather_sum,
+        "gather_sum_backward": _fake_gather_sum_backward,
+        "hash": _fake_hash,
+        "hash_backward": _fake_hash_backward,
+    }
+    for name, fn in fakes.items():
+        torch.library.register_fake(lib + name, fn)
+    torch.library.register_autograd(lib + "memory_layer", _ml_backward, setup_context=_ml_setup)
+    torch.library.register_autograd(lib + "gather_sum", _gs_backward, setup_context=_gs_setup)
+    torch.library.register_autograd(lib + "hash", _hash_backward, setup_context=_hash_setup)
+    _register_flops()
+    _done = True

@@ -1,0 +1,961 @@
+// Fast CPU kernels for the MemoryFormer Memory Layer (see memoryformer/layer.py for the math).
+//
+// Registered as torch.library custom ops in the `memoryformer` namespace; the Python side
+// (memoryformer/kernels) adds fake (meta) kernels, autograd formulas and dispatch rules.
+//
+// Notation: x (N, D = K * tau); rows (N, K) are global table rows `k * 2^tau + code`;
+// w (N, K) the weights; a table is (R = K * 2^tau, d); out (N, d) = sum_k w[n,k] table[rows[n,k]].
+//
+// Vector code uses GCC/Clang vector extensions (16 floats, one cache line): the compiler maps them
+// to AVX-512, AVX2 or SSE as -march allows. Parallelism is at::parallel_for (ATen's OpenMP pool),
+// so torch.set_num_threads is respected.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace mf {
+
+// ------------------------------------------------------------------------------------------------
+// Vector helpers
+// ------------------------------------------------------------------------------------------------
+// Native vector width: 64 bytes with AVX-512, 32 with AVX/AVX2, 16 otherwise (wider vectors than
+// the hardware's make GCC emulate them through the stack).
+#if defined(__AVX512F__)
+#define MF_VBYTES 64
+#elif defined(__AVX__)
+#define MF_VBYTES 32
+#else
+#define MF_VBYTES 16
+#endif
+constexpr int64_t VW = MF_VBYTES / 4;  // floats per vector
+typedef float vf __attribute__((vector_size(MF_VBYTES)));
+typedef float vfu __attribute__((vector_size(MF_VBYTES), aligned(4), may_alias));
+typedef uint16_t vhu __attribute__((vector_size(MF_VBYTES / 2), aligned(2), may_alias));
+typedef uint16_t vh __attribute__((vector_size(MF_VBYTES / 2)));
+typedef uint32_t vu __attribute__((vector_size(MF_VBYTES)));
+typedef int32_t vi __attribute__((vector_size(MF_VBYTES)));
+typedef int8_t vqu __attribute__((vector_size(MF_VBYTES / 4), aligned(1), may_alias));
+
+using bf16 = c10::BFloat16;
+
+static inline float to_f(float v) { return v; }
+static inline float to_f(bf16 v) { return static_cast<float>(v); }
+static inline float to_f(int8_t v) { return static_cast<float>(v); }
+
+static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline vf vload(const bf16* p) {
+  vu u = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  return reinterpret_cast<vf&>(u);
+}
+static inline vf vload(const int8_t* p) {
+  return __builtin_convertvector(*reinterpret_cast<const vqu*>(p), vf);
+}
+
+static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline void vstore(bf16* p, vf v) {
+  // round to nearest even, NaN -> quiet NaN (as c10::BFloat16)
+  vu u = reinterpret_cast<vu&>(v);
+  vu r = (u + (vu)((u >> 16) & 1u) + 0x7FFFu) >> 16;
+  vi nan = (v != v);
+  r = (r & ~(vu)nan) | ((vu)nan & 0x7FC0u);
+  *reinterpret_cast<vhu*>(p) = __builtin_convertvector(r, vh);
+}
+static inline void sstore(float* p, float v) { *p = v; }
+static inline void sstore(bf16* p, float v) { *p = bf16(v); }
+
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
+#elif defined(__AVX__)
+  const __m256 x = reinterpret_cast<__m256&>(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+#else
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+#endif
+}
+
+// exp(x) for x <= 0 (NaN propagates); Cephes-style, about 1 ulp; clamps below -87 (result ~1e-38).
+static inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float fn = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fn);
+  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// 64-byte aligned float buffer (cache-line aligned rows; unaligned tiles split vector accesses
+// across lines, which measured about 2x slower).
+struct AlignedFloats {
+  float* p = nullptr;
+  explicit AlignedFloats(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "memoryformer: out of memory allocating ", bytes, " bytes");
+  }
+  ~AlignedFloats() { std::free(p); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Options (tunable at run time through memoryformer::_set_option, for benchmarks)
+// ------------------------------------------------------------------------------------------------
+struct Options {
+  int64_t fwd_algo = 0;      // 0 auto, 1 token-major, 2 bucket-major (CSR), 3 small-N column split
+  int64_t cb_fwd = 64;       // token-major column block (floats, multiple of 16; 16/32/64)
+  int64_t cb_bucket = 32;    // bucket-major forward / backward column block (16/32/64)
+  int64_t small_n = 16;      // N <= small_n per thread: column-split small-N path
+  int64_t seg_max = 1024;    // small-N: max columns per work item
+  int64_t prefetch = 4;      // rows ahead for software prefetch (0: off)
+  int64_t bucket_min_n = 1024;  // auto: bucket-major forward for N >= this
+  int64_t tile_bytes = 262144;  // bucket-major: target bytes of the (N, cb) tile
+  int64_t row_prefetch = 16;    // bucket-major: table rows ahead for software prefetch
+  int64_t pf_loc = 2;           // bucket-major: prefetch locality 0..3 (2: into L2; rows are
+                                // 4 KiB apart, so L1 prefetches conflict in one set)
+};
+
+// Prefetch the `bytes` bytes at p (all cache lines), for reading.
+static inline void prefetch_span(const void* p, int64_t bytes, int64_t loc) {
+  const char* c = static_cast<const char*>(p);
+  switch (loc) {
+    case 0: for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 0); break;
+    case 1: for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1); break;
+    case 2: for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2); break;
+    default: for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3); break;
+  }
+}
+static Options g_opt;
+
+static int64_t set_option(c10::string_view name, int64_t value) {
+  const std::string s(name);
+  int64_t* p = nullptr;
+  if (s == "fwd_algo") p = &g_opt.fwd_algo;
+  else if (s == "cb_fwd") p = &g_opt.cb_fwd;
+  else if (s == "cb_bucket") p = &g_opt.cb_bucket;
+  else if (s == "small_n") p = &g_opt.small_n;
+  else if (s == "seg_max") p = &g_opt.seg_max;
+  else if (s == "prefetch") p = &g_opt.prefetch;
+  else if (s == "bucket_min_n") p = &g_opt.bucket_min_n;
+  else if (s == "tile_bytes") p = &g_opt.tile_bytes;
+  else if (s == "row_prefetch") p = &g_opt.row_prefetch;
+  else if (s == "pf_loc") p = &g_opt.pf_loc;
+  TORCH_CHECK(p != nullptr, "memoryformer::_set_option: unknown option '", s, "'");
+  const int64_t old = *p;
+  if (value >= 0) *p = value;
+  return old;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Hashing
+// ------------------------------------------------------------------------------------------------
+struct HashSpec {
+  int64_t K, tau, D;
+  float scale;  // 2 / temperature ("prob") or 2 ("l1")
+  bool l1;
+};
+
+static HashSpec make_spec(int64_t D, int64_t tau, c10::string_view weighting, double temperature) {
+  TORCH_CHECK(tau >= 1 && tau <= 16, "memoryformer: tau must be in 1..16, got ", tau);
+  TORCH_CHECK(D > 0 && D % tau == 0, "memoryformer: in_features=", D,
+              " must be a positive multiple of tau=", tau);
+  const std::string w(weighting);
+  TORCH_CHECK(w == "prob" || w == "l1", "memoryformer: weighting must be 'prob' or 'l1', got '", w,
+              "'");
+  TORCH_CHECK(temperature > 0, "memoryformer: temperature must be positive, got ", temperature);
+  HashSpec hs;
+  hs.K = D / tau;
+  hs.tau = tau;
+  hs.D = D;
+  hs.l1 = (w == "l1");
+  hs.scale = hs.l1 ? 2.0f : static_cast<float>(2.0 / temperature);
+  return hs;
+}
+
+// One token: rows[k] = k*2^tau + code, w[k]; e is scratch of D floats.
+template <typename XT>
+static inline void hash_token(const XT* x, const HashSpec& hs, float* e, int32_t* rows, float* w) {
+  const int64_t D = hs.D, tau = hs.tau;
+  const float ns = -hs.scale;
+  for (int64_t i = 0; i < D; ++i) e[i] = exp_nonpos(ns * std::fabs(to_f(x[i])));
+  for (int64_t k = 0; k < hs.K; ++k) {
+    const XT* z = x + k * tau;
+    const float* ek = e + k * tau;
+    int32_t code = 0;
+    float prod = 1.f, l1 = 0.f;
+    for (int64_t j = 0; j < tau; ++j) {
+      const float v = to_f(z[j]);
+      code = (code << 1) | static_cast<int32_t>(v >= 0.f);
+      prod *= 1.f + ek[j];
+      l1 += std::fabs(v);
+    }
+    rows[k] = static_cast<int32_t>((k << tau) | code);
+    w[k] = hs.l1 ? l1 / prod : 1.f / prod;
+  }
+}
+
+// One token: gx[k*tau+j] = gw[k] * dw_k/dx_{k*tau+j}; e is scratch of D floats.
+template <typename XT>
+static inline void hash_token_backward(const XT* x, const HashSpec& hs, const float* gw, float* e,
+                                       XT* gx) {
+  const int64_t D = hs.D, tau = hs.tau;
+  const float s = hs.scale, ns = -hs.scale;
+  for (int64_t i = 0; i < D; ++i) e[i] = exp_nonpos(ns * std::fabs(to_f(x[i])));
+  for (int64_t k = 0; k < hs.K; ++k) {
+    const XT* z = x + k * tau;
+    const float* ek = e + k * tau;
+    float prod = 1.f, l1 = 0.f;
+    for (int64_t j = 0; j < tau; ++j) {
+      prod *= 1.f + ek[j];
+      l1 += std::fabs(to_f(z[j]));
+    }
+    const float P = 1.f / prod;
+    const float g = gw[k];
+    for (int64_t j = 0; j < tau; ++j) {
+      const float v = to_f(z[j]);
+      const float sg = static_cast<float>((v > 0.f) - (v < 0.f));
+      const float q = ek[j] / (1.f + ek[j]);  // 1 - sigmoid(s |v|)
+      const float d = hs.l1 ? P * (1.f + s * l1 * q) : P * s * q;
+      gx[k * tau + j] = static_cast<XT>(g * sg * d);
+    }
+  }
+}
+
+// Hash tokens [n0, n1) of x (N, D) into rows/w (N, K) (parallel over tokens).
+template <typename XT>
+static void hash_all(const XT* x, const HashSpec& hs, int64_t N, int32_t* rows, float* w) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / hs.D);
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    std::vector<float> scratch(hs.D);
+    for (int64_t n = b; n < e; ++n) hash_token(x + n * hs.D, hs, scratch.data(), rows + n * hs.K, w + n * hs.K);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Gather kernels. A Table couples data (TT = float, bf16 or int8) with optional per-row scales.
+// ------------------------------------------------------------------------------------------------
+template <typename TT>
+struct Table {
+  const TT* data;
+  const float* scales;  // int8 only, else nullptr
+  int64_t R, d;
+  inline float wscale(int32_t r, float w) const { return scales ? w * scales[r] : w; }
+};
+
+// Token-major register-blocked: dst[c..c+NV*16) = bias + sum_k w_k T[rows_k, c..]
+template <int NV, typename TT, typename OT>
+static inline void tok_block(const int32_t* rows, const float* w, int64_t K, const Table<TT>& T,
+                             int64_t c, const float* bias, OT* dst, int64_t pd) {
+  vf a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = vf{} + 0.f;
+  const int64_t d = T.d;
+  for (int64_t k = 0; k < K; ++k) {
+    if (pd && k + pd < K) __builtin_prefetch(T.data + rows[k + pd] * d + c);
+    const int32_t r = rows[k];
+    const float ww = T.wscale(r, w[k]);
+    const TT* p = T.data + static_cast<int64_t>(r) * d + c;
+    for (int v = 0; v < NV; ++v) a[v] += ww * vload(p + VW * v);
+  }
+  for (int v = 0; v < NV; ++v) {
+    if (bias) a[v] += vload(bias + c + VW * v);
+    vstore(dst + c + VW * v, a[v]);
+  }
+}
+
+// Scalar columns [c0, c1) of one token.
+template <typename TT, typename OT>
+static inline void tok_scalar(const int32_t* rows, const float* w, int64_t K, const Table<TT>& T,
+                              int64_t c0, int64_t c1, const float* bias, OT* dst) {
+  for (int64_t c = c0; c < c1; ++c) {
+    float a = 0.f;
+    for (int64_t k = 0; k < K; ++k) a += T.wscale(rows[k], w[k]) * to_f(T.data[rows[k] * T.d + c]);
+    sstore(dst + c, bias ? a + bias[c] : a);
+  }
+}
+
+// One token, columns [c0, c1): register blocks of cb floats, then 16, then scalar.
+template <typename TT, typename OT>
+static inline void tok_cols(const int32_t* rows, const float* w, int64_t K, const Table<TT>& T,
+                            int64_t c0, int64_t c1, int64_t cb, const float* bias, OT* dst,
+                            int64_t pd) {
+  int64_t c = c0;
+  if (cb >= 64)
+    for (; c + 64 <= c1; c += 64) tok_block<64 / VW>(rows, w, K, T, c, bias, dst, pd);
+  if (cb >= 32)
+    for (; c + 32 <= c1; c += 32) tok_block<32 / VW>(rows, w, K, T, c, bias, dst, pd);
+  for (; c + VW <= c1; c += VW) tok_block<1>(rows, w, K, T, c, bias, dst, pd);
+  if (c < c1) tok_scalar(rows, w, K, T, c, c1, bias, dst);
+}
+
+// Token-major forward for tokens [n0, n1): column blocks outer so each block's table slice
+// (R x cb) is reused across the tokens while it is cache-resident.
+template <typename TT, typename OT>
+static void fwd_token_major(const int32_t* rows, const float* w, int64_t K, const Table<TT>& T,
+                            const float* bias, OT* out, int64_t n0, int64_t n1) {
+  const int64_t cb = g_opt.cb_fwd, pd = g_opt.prefetch, d = T.d;
+  const int64_t step = std::max<int64_t>(cb, 16);
+  for (int64_t c = 0; c < d; c += step) {
+    const int64_t ce = std::min(d, c + step);
+    for (int64_t n = n0; n < n1; ++n)
+      tok_cols(rows + n * K, w + n * K, K, T, c, ce, cb, bias, out + n * d, pd);
+  }
+}
+
+// Small-N forward, one work item: all N tokens, columns [c0, c1): rows read contiguously,
+// accumulators in an L1 buffer.
+template <typename TT, typename OT>
+static void fwd_segment(const int32_t* rows, const float* w, int64_t N, int64_t K, const Table<TT>& T,
+                        const float* bias, OT* out, int64_t c0, int64_t c1) {
+  const int64_t d = T.d, pd = g_opt.prefetch;
+  const int64_t nv = (c1 - c0) / VW;
+  const int64_t cv = c0 + nv * VW;
+  alignas(64) float acc[1024];
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t* rn = rows + n * K;
+    const float* wn = w + n * K;
+    for (int64_t i = 0; i < nv; ++i) vstore(acc + i * VW, vf{} + 0.f);
+    if (pd)
+      for (int64_t k = 0; k < std::min(pd, K); ++k)
+        for (int64_t c = c0; c < c1; c += 64 / sizeof(TT)) __builtin_prefetch(T.data + rn[k] * d + c);
+    for (int64_t k = 0; k < K; ++k) {
+      if (pd && k + pd < K) {
+        const TT* q = T.data + rn[k + pd] * d;
+        for (int64_t c = c0; c < c1; c += 64 / sizeof(TT)) __builtin_prefetch(q + c);
+      }
+      const float ww = T.wscale(rn[k], wn[k]);
+      const TT* p = T.data + static_cast<int64_t>(rn[k]) * d + c0;
+      for (int64_t i = 0; i < nv; ++i) vstore(acc + i * VW, vload(acc + i * VW) + ww * vload(p + i * VW));
+    }
+    OT* o = out + n * d;
+    for (int64_t i = 0; i < nv; ++i) {
+      vf v = vload(acc + i * VW);
+      if (bias) v += vload(bias + c0 + i * VW);
+      vstore(o + c0 + i * VW, v);
+    }
+    if (cv < c1) tok_scalar(rn, wn, K, T, cv, c1, bias, o);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Bucket-major (CSR) structure: the N*K (token, slot) entries grouped by table row.
+// ------------------------------------------------------------------------------------------------
+struct CSR {
+  std::vector<int32_t> start;  // R + 1
+  std::vector<int32_t> tok;    // entry -> token n
+  std::vector<int32_t> slot;   // entry -> n * K + k
+  std::vector<float> w;        // entry -> weight
+};
+
+// Stable counting sort of the entries by row (ties keep token order): deterministic.
+static void build_csr(const int32_t* rows, const float* w, int64_t N, int64_t K, int64_t R, CSR& csr) {
+  const int64_t E = N * K;
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 63) / 64));
+  std::vector<int32_t> counts(static_cast<size_t>(T * R), 0);
+  const int64_t chunk = (N + T - 1) / T;
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int32_t* c = counts.data() + t * R;
+      const int64_t s0 = std::min(N, t * chunk) * K, s1 = std::min(N, (t + 1) * chunk) * K;
+      for (int64_t i = s0; i < s1; ++i) c[rows[i]]++;
+    }
+  });
+  csr.start.assign(static_cast<size_t>(R + 1), 0);
+  int32_t run = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    csr.start[r] = run;
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t c = counts[t * R + r];
+      counts[t * R + r] = run;
+      run += c;
+    }
+  }
+  csr.start[R] = run;
+  csr.tok.resize(E);
+  csr.slot.resize(E);
+  csr.w.resize(E);
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int32_t* c = counts.data() + t * R;
+      const int64_t n0 = std::min(N, t * chunk), n1 = std::min(N, (t + 1) * chunk);
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = n * K + k;
+          const int32_t pos = c[rows[i]]++;
+          csr.tok[pos] = static_cast<int32_t>(n);
+          csr.slot[pos] = static_cast<int32_t>(i);
+          csr.w[pos] = w[i];
+        }
+    }
+  });
+}
+
+static int64_t bucket_cb(int64_t N) {
+  int64_t cb = g_opt.cb_bucket;
+  while (cb > 16 && N * cb * 4 > g_opt.tile_bytes) cb /= 2;
+  return cb;
+}
+
+// Bucket-major forward for column blocks; out tile (N, cb) in float stays in L2.
+template <int NV, typename TT>
+static inline void bucket_fwd_block(const CSR& csr, const Table<TT>& T, int64_t c, float* tile,
+                                    int64_t ld) {
+  const int64_t d = T.d, pd = g_opt.row_prefetch;
+  const int64_t loc = g_opt.pf_loc;
+  const int32_t* start = csr.start.data();
+  const int32_t* tok = csr.tok.data();
+  const float* wts = csr.w.data();
+  for (int64_t r = 0; r < T.R; ++r) {
+    const int32_t p0 = start[r], p1 = start[r + 1];
+    if (pd && r + pd < T.R) prefetch_span(T.data + (r + pd) * d + c, NV * VW * sizeof(TT), loc);
+    if (p0 == p1) continue;
+    vf row[NV];
+    const float sc = T.scales ? T.scales[r] : 1.f;
+    for (int v = 0; v < NV; ++v) row[v] = sc * vload(T.data + r * d + c + VW * v);
+    for (int32_t p = p0; p < p1; ++p) {
+      float* o = tile + static_cast<int64_t>(tok[p]) * ld;
+      const float ww = wts[p];
+      for (int v = 0; v < NV; ++v) vstore(o + VW * v, vload(o + VW * v) + ww * row[v]);
+    }
+  }
+}
+
+template <typename TT, typename OT>
+static void fwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, const float* bias, OT* out) {
+  const int64_t d = T.d;
+  const int64_t cb = bucket_cb(N);
+  const int64_t nvec = d / VW;
+  const int64_t nblk = (nvec * VW + cb - 1) / cb;
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    AlignedFloats tilebuf(N * cb);
+    float* tile = tilebuf.p;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c = b * cb;
+      const int64_t w = std::min(cb, nvec * VW - c);
+      std::fill(tile, tile + N * cb, 0.f);
+      for (int64_t off = 0; off < w;) {  // w/VW vectors as blocks of 8, 4, 2, 1 vectors
+        const int64_t nv = (w - off) / VW;
+        if (nv >= 8) bucket_fwd_block<8>(csr, T, c + off, tile + off, cb), off += 8 * VW;
+        else if (nv >= 4) bucket_fwd_block<4>(csr, T, c + off, tile + off, cb), off += 4 * VW;
+        else if (nv >= 2) bucket_fwd_block<2>(csr, T, c + off, tile + off, cb), off += 2 * VW;
+        else bucket_fwd_block<1>(csr, T, c + off, tile + off, cb), off += VW;
+      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t i = 0; i < w; i += VW) {
+          vf v = vload(tile + n * cb + i);
+          if (bias) v += vload(bias + c + i);
+          vstore(out + n * d + c + i, v);
+        }
+    }
+  });
+}
+
+// Bucket-major backward for one column block [c, c + VW*NV): grad-table rows written once (acc in
+// registers); per-entry partial dots <g[n], T[r]> accumulated into gw[slot]. `gt` is the (N, ld)
+// contiguous tile of grad_out's column block (a strided view would map every token's slice to
+// the same cache sets, since rows are d*4 bytes apart).
+template <int NV, typename TT>
+static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const float* gt, int64_t ld,
+                                    int64_t r0, int64_t r1, int64_t c, TT* gT, float* gw) {
+  const int64_t d = T.d, pd = g_opt.row_prefetch, loc = g_opt.pf_loc;
+  const int32_t* start = csr.start.data();
+  const int32_t* tok = csr.tok.data();
+  const int32_t* slot = csr.slot.data();
+  const float* wts = csr.w.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t p0 = start[r], p1 = start[r + 1];
+    vf acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = vf{} + 0.f;
+    if (gw) {
+      if (pd && r + pd < r1) prefetch_span(T.data + (r + pd) * d + c, NV * VW * sizeof(TT), loc);
+      if (p0 < p1) {
+        vf row[NV];
+        for (int v = 0; v < NV; ++v) row[v] = vload(T.data + r * d + c + VW * v);
+        for (int32_t p = p0; p < p1; ++p) {
+          const float* gn = gt + static_cast<int64_t>(tok[p]) * ld;
+          const float ww = wts[p];
+          vf dot = vf{} + 0.f;
+          for (int v = 0; v < NV; ++v) {
+            const vf gv = vload(gn + VW * v);
+            if (gT) acc[v] += ww * gv;
+            dot += gv * row[v];
+          }
+          gw[slot[p]] += hsum(dot);
+        }
+      }
+    } else {
+      for (int32_t p = p0; p < p1; ++p) {
+        const float* gn = gt + static_cast<int64_t>(tok[p]) * ld;
+        const float ww = wts[p];
+        for (int v = 0; v < NV; ++v) acc[v] += ww * vload(gn + VW * v);
+      }
+    }
+    if (gT)
+      for (int v = 0; v < NV; ++v) vstore(gT + r * d + c + VW * v, acc[v]);
+  }
+}
+
+// Scalar tail columns [c0, d) of the backward (g: full (N, d) grad).
+template <typename TT>
+static void bucket_bwd_scalar(const CSR& csr, const Table<TT>& T, const float* g, int64_t r0,
+                              int64_t r1, int64_t c0, TT* gT, float* gw) {
+  const int64_t d = T.d;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t p0 = csr.start[r], p1 = csr.start[r + 1];
+    for (int64_t c = c0; c < d; ++c) {
+      float acc = 0.f;
+      const float tv = to_f(T.data[r * d + c]);
+      for (int32_t p = p0; p < p1; ++p) {
+        const float gv = g[static_cast<int64_t>(csr.tok[p]) * d + c];
+        acc += csr.w[p] * gv;
+        if (gw) gw[csr.slot[p]] += gv * tv;
+      }
+      if (gT) sstore(gT + r * d + c, acc);
+    }
+  }
+}
+
+// gT (R, d) (optional) and gw += partial dots (optional); parallel over row ranges of equal work.
+template <typename TT>
+static void bwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, const float* g, TT* gT,
+                             float* gw) {
+  const int64_t R = T.R, d = T.d;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> bnd(static_cast<size_t>(nt + 1), R);
+  bnd[0] = 0;
+  const int64_t E = csr.start[R];
+  for (int64_t t = 1, r = 0; t < nt; ++t) {
+    const int64_t target = (E * t) / nt + (R * t) / nt;  // balance entries and rows
+    while (r < R && static_cast<int64_t>(csr.start[r]) + r < target) ++r;
+    bnd[t] = r;
+  }
+  const int64_t cb = bucket_cb(N);
+  const int64_t cv = (d / VW) * VW;
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    AlignedFloats tilebuf(N * cb);
+    float* tile = tilebuf.p;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = bnd[t], r1 = bnd[t + 1];
+      if (r0 >= r1) continue;
+      for (int64_t c = 0; c < cv; c += cb) {
+        const int64_t w = std::min(cb, cv - c);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t i = 0; i < w; i += VW) vstore(tile + n * cb + i, vload(g + n * d + c + i));
+        for (int64_t off = 0; off < w;) {  // w/VW vectors as blocks of 4, 2, 1 vectors
+          const int64_t nv = (w - off) / VW;
+          if (nv >= 4) bucket_bwd_block<4>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw), off += 4 * VW;
+          else if (nv >= 2) bucket_bwd_block<2>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw), off += 2 * VW;
+          else bucket_bwd_block<1>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw), off += VW;
+        }
+      }
+      if (cv < d) bucket_bwd_scalar(csr, T, g, r0, r1, cv, gT, gw);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward driver: hashed rows/w (N, K) -> out (N, d) with the algorithm chosen by shape.
+// ------------------------------------------------------------------------------------------------
+template <typename TT, typename OT>
+static void forward_rows(const int32_t* rows, const float* w, int64_t N, int64_t K, const Table<TT>& T,
+                         const float* bias, OT* out, const CSR* csr) {
+  const int64_t nt = at::get_num_threads();
+  int64_t algo = g_opt.fwd_algo;
+  if (algo == 2 && !csr) algo = 1;
+  if (algo == 0) algo = (N <= g_opt.small_n * nt) ? 3 : (csr ? 2 : 1);
+  const int64_t d = T.d;
+  if (algo == 3) {
+    // split each token's columns across threads
+    const int64_t want = std::max<int64_t>(1, nt);
+    int64_t seg = ((d + want - 1) / want + VW - 1) / VW * VW;
+    seg = std::max<int64_t>(VW, std::min(seg, std::min<int64_t>(g_opt.seg_max, 1024)));
+    const int64_t nseg = (d + seg - 1) / seg;
+    at::parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s)
+        fwd_segment(rows, w, N, K, T, bias, out, s * seg, std::min(d, (s + 1) * seg));
+    });
+  } else if (algo == 2) {
+    fwd_bucket_major(*csr, N, T, bias, out);
+    const int64_t cv = (d / VW) * VW;
+    if (cv < d)
+      at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n)
+          tok_scalar(rows + n * K, w + n * K, K, T, cv, d, bias, out + n * d);
+      });
+  } else {
+    at::parallel_for(0, N, 8, [&](int64_t b, int64_t e) {
+      fwd_token_major(rows, w, K, T, bias, out, b, e);
+    });
+  }
+}
+
+static bool want_csr(int64_t N) {
+  const int64_t nt = at::get_num_threads();
+  if (g_opt.fwd_algo == 2) return true;
+  if (g_opt.fwd_algo != 0) return false;
+  return N > g_opt.small_n * nt && N >= g_opt.bucket_min_n;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Checks
+// ------------------------------------------------------------------------------------------------
+static void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "memoryformer kernels run on CPU tensors; got x on ", x.device());
+  TORCH_CHECK(x.dim() == 2, "memoryformer kernels expect x of shape (N, K*tau); got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "memoryformer kernels support float32/bfloat16 x; got ", x.scalar_type());
+}
+
+static void check_table(const at::Tensor& t, int64_t R) {
+  TORCH_CHECK(t.device().is_cpu(), "memoryformer kernels run on CPU tensors; got a table on ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == R, "memoryformer: table must have shape (", R,
+              ", out_features); got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+              "memoryformer kernels support float32/bfloat16 tables; got ", t.scalar_type());
+  TORCH_CHECK(R < (int64_t(1) << 31), "memoryformer: table has too many rows for int32 indices");
+}
+
+static at::Tensor bias_f32(const c10::optional<at::Tensor>& b, int64_t d) {
+  if (!b.has_value() || !b->defined()) return at::Tensor();
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == d, "memoryformer: bias must have shape (", d, ",); got ",
+              b->sizes());
+  return b->to(at::kFloat).contiguous();
+}
+
+template <typename F>
+static void dispatch_x(at::ScalarType st, const F& f) {
+  if (st == at::kFloat) f(float{});
+  else f(bf16{});
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ops
+// ------------------------------------------------------------------------------------------------
+// Hash once, gather from every table (tables share the hash: Q, K, V).
+std::vector<at::Tensor> memory_layer(const at::Tensor& x_, at::TensorList tables,
+                                     const c10::List<c10::optional<at::Tensor>>& biases, int64_t tau,
+                                     c10::string_view weighting, double temperature) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const HashSpec hs = make_spec(x.size(1), tau, weighting, temperature);
+  TORCH_CHECK(biases.size() == tables.size(), "memoryformer: got ", tables.size(), " tables but ",
+              biases.size(), " biases (pass None for a table without bias)");
+  const int64_t N = x.size(0), K = hs.K, R = K << tau;
+  std::vector<at::Tensor> outs;
+  for (const auto& t : tables) check_table(t, R);
+  if (N == 0) {
+    for (const auto& t : tables) outs.push_back(at::empty({0, t.size(1)}, t.options()));
+    return outs;
+  }
+  std::vector<int32_t> rows(static_cast<size_t>(N * K));
+  std::vector<float> w(static_cast<size_t>(N * K));
+  dispatch_x(x.scalar_type(), [&](auto xt) {
+    using XT = decltype(xt);
+    hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
+  });
+  CSR csr;
+  const bool use_csr = want_csr(N);
+  if (use_csr) build_csr(rows.data(), w.data(), N, K, R, csr);
+  for (size_t i = 0; i < tables.size(); ++i) {
+    const at::Tensor t = tables[i].contiguous();
+    const int64_t d = t.size(1);
+    const at::Tensor b = bias_f32(biases.get(i), d);
+    at::Tensor out = at::empty({N, d}, t.options());
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    if (t.scalar_type() == at::kFloat) {
+      Table<float> T{t.data_ptr<float>(), nullptr, R, d};
+      forward_rows(rows.data(), w.data(), N, K, T, bp, out.data_ptr<float>(), use_csr ? &csr : nullptr);
+    } else {
+      Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, d};
+      forward_rows(rows.data(), w.data(), N, K, T, bp, out.data_ptr<bf16>(), use_csr ? &csr : nullptr);
+    }
+    outs.push_back(out);
+  }
+  return outs;
+}
+
+// int8 tables with per-row fp32 scales (inference): out float32.
+at::Tensor memory_layer_q8(const at::Tensor& x_, const at::Tensor& qtable_, const at::Tensor& scales_,
+                           const c10::optional<at::Tensor>& bias, int64_t tau, c10::string_view weighting,
+                           double temperature) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const HashSpec hs = make_spec(x.size(1), tau, weighting, temperature);
+  const int64_t N = x.size(0), K = hs.K, R = K << tau;
+  TORCH_CHECK(qtable_.scalar_type() == at::kChar && qtable_.dim() == 2 && qtable_.size(0) == R,
+              "memoryformer: int8 table must be int8 of shape (", R, ", out_features); got ",
+              qtable_.scalar_type(), " ", qtable_.sizes());
+  TORCH_CHECK(scales_.dim() == 1 && scales_.size(0) == R, "memoryformer: scales must have shape (", R,
+              ",); got ", scales_.sizes());
+  const at::Tensor qt = qtable_.contiguous();
+  const at::Tensor sc = scales_.to(at::kFloat).contiguous();
+  const int64_t d = qt.size(1);
+  const at::Tensor b = bias_f32(bias, d);
+  at::Tensor out = at::empty({N, d}, x.options().dtype(at::kFloat));
+  if (N == 0) return out;
+  std::vector<int32_t> rows(static_cast<size_t>(N * K));
+  std::vector<float> w(static_cast<size_t>(N * K));
+  dispatch_x(x.scalar_type(), [&](auto xt) {
+    using XT = decltype(xt);
+    hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
+  });
+  CSR csr;
+  const bool use_csr = want_csr(N);
+  if (use_csr) build_csr(rows.data(), w.data(), N, K, R, csr);
+  Table<int8_t> T{qt.data_ptr<int8_t>(), sc.data_ptr<float>(), R, d};
+  forward_rows(rows.data(), w.data(), N, K, T, b.defined() ? b.data_ptr<float>() : nullptr,
+               out.data_ptr<float>(), use_csr ? &csr : nullptr);
+  return out;
+}
+
+// Backward of memory_layer: grad_x (or empty) and one grad per table (or empty).
+std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
+    at::TensorList grads, const at::Tensor& x_, at::TensorList tables, int64_t tau,
+    c10::string_view weighting, double temperature, bool need_x, bool need_tables) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const HashSpec hs = make_spec(x.size(1), tau, weighting, temperature);
+  const int64_t N = x.size(0), K = hs.K, R = K << tau;
+  TORCH_CHECK(grads.size() == tables.size(), "memoryformer: got ", grads.size(), " grads for ",
+              tables.size(), " tables");
+  std::vector<at::Tensor> gtables;
+  for (size_t i = 0; i < tables.size(); ++i) {
+    check_table(tables[i], R);
+    TORCH_CHECK(grads[i].dim() == 2 && grads[i].size(0) == N && grads[i].size(1) == tables[i].size(1),
+                "memoryformer: grad ", i, " must have shape (", N, ", ", tables[i].size(1), "); got ",
+                grads[i].sizes());
+    if (need_tables) gtables.push_back(at::empty_like(tables[i], at::MemoryFormat::Contiguous));
+    else gtables.push_back(at::empty({0}, tables[i].options()));
+  }
+  at::Tensor gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
+  if (N == 0) {
+    for (auto& g : gtables) g.zero_();
+    return {gx, gtables};
+  }
+  std::vector<int32_t> rows(static_cast<size_t>(N * K));
+  std::vector<float> w(static_cast<size_t>(N * K));
+  dispatch_x(x.scalar_type(), [&](auto xt) {
+    using XT = decltype(xt);
+    hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
+  });
+  CSR csr;
+  build_csr(rows.data(), w.data(), N, K, R, csr);
+  std::vector<float> gw(need_x ? static_cast<size_t>(N * K) : 0, 0.f);
+  for (size_t i = 0; i < tables.size(); ++i) {
+    const at::Tensor t = tables[i].contiguous();
+    const at::Tensor g = grads[i].to(at::kFloat).contiguous();
+    float* gwp = need_x ? gw.data() : nullptr;
+    if (t.scalar_type() == at::kFloat) {
+      Table<float> T{t.data_ptr<float>(), nullptr, R, t.size(1)};
+      bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<float>() : nullptr, gwp);
+    } else {
+      Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, t.size(1)};
+      bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<bf16>() : nullptr, gwp);
+    }
+  }
+  if (need_x) {
+    dispatch_x(x.scalar_type(), [&](auto xt) {
+      using XT = decltype(xt);
+      const XT* xp = x.data_ptr<XT>();
+      XT* gxp = gx.data_ptr<XT>();
+      at::parallel_for(0, N, std::max<int64_t>(1, 4096 / hs.D), [&](int64_t b, int64_t e) {
+        std::vector<float> scratch(hs.D);
+        for (int64_t n = b; n < e; ++n)
+          hash_token_backward(xp + n * hs.D, hs, gw.data() + n * K, scratch.data(), gxp + n * hs.D);
+      });
+    });
+  }
+  return {gx, gtables};
+}
+
+// rows (N, K) int64/int32 -> validated int32 copy.
+static std::vector<int32_t> rows_i32(const at::Tensor& rows, int64_t R) {
+  const at::Tensor r = rows.contiguous();
+  std::vector<int32_t> out(static_cast<size_t>(r.numel()));
+  bool bad = false;
+  if (r.scalar_type() == at::kLong) {
+    const int64_t* p = r.data_ptr<int64_t>();
+    for (int64_t i = 0; i < r.numel(); ++i) {
+      bad |= (p[i] < 0) | (p[i] >= R);
+      out[i] = static_cast<int32_t>(p[i]);
+    }
+  } else {
+    TORCH_CHECK(r.scalar_type() == at::kInt, "memoryformer: rows must be int64 or int32; got ", r.scalar_type());
+    const int32_t* p = r.data_ptr<int32_t>();
+    for (int64_t i = 0; i < r.numel(); ++i) {
+      bad |= (p[i] < 0) | (p[i] >= R);
+      out[i] = p[i];
+    }
+  }
+  TORCH_CHECK(!bad, "memoryformer: rows must lie in [0, ", R, ") (the table's row count)");
+  return out;
+}
+
+static void check_rows_weights(const at::Tensor& rows, const at::Tensor& weights) {
+  TORCH_CHECK(rows.dim() == 2 && weights.sizes() == rows.sizes(),
+              "memoryformer: rows and weights must both be (N, K); got ", rows.sizes(), " and ",
+              weights.sizes());
+  TORCH_CHECK(rows.device().is_cpu() && weights.device().is_cpu(), "memoryformer kernels run on CPU tensors");
+  TORCH_CHECK(weights.is_floating_point(), "memoryformer: weights must be floating point");
+}
+
+// out = sum_k weights[n,k] table[rows[n,k]] + bias, for precomputed (shared) hashes.
+at::Tensor gather_sum(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& table_,
+                      const c10::optional<at::Tensor>& bias) {
+  check_rows_weights(rows, weights);
+  TORCH_CHECK(table_.dim() == 2, "memoryformer: table must be 2-D; got ", table_.sizes());
+  check_table(table_, table_.size(0));
+  const int64_t N = rows.size(0), K = rows.size(1), R = table_.size(0), d = table_.size(1);
+  const at::Tensor t = table_.contiguous();
+  const at::Tensor b = bias_f32(bias, d);
+  at::Tensor out = at::empty({N, d}, t.options());
+  if (N == 0 || K == 0) {
+    out.zero_();
+    if (b.defined()) out.add_(b.to(out.scalar_type()));
+    return out;
+  }
+  const std::vector<int32_t> r = rows_i32(rows, R);
+  const at::Tensor wt = weights.to(at::kFloat).contiguous();
+  const float* w = wt.data_ptr<float>();
+  CSR csr;
+  const bool use_csr = want_csr(N);
+  if (use_csr) build_csr(r.data(), w, N, K, R, csr);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (t.scalar_type() == at::kFloat) {
+    Table<float> T{t.data_ptr<float>(), nullptr, R, d};
+    forward_rows(r.data(), w, N, K, T, bp, out.data_ptr<float>(), use_csr ? &csr : nullptr);
+  } else {
+    Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, d};
+    forward_rows(r.data(), w, N, K, T, bp, out.data_ptr<bf16>(), use_csr ? &csr : nullptr);
+  }
+  return out;
+}
+
+// Backward of gather_sum: (grad_weights (N, K) or empty, grad_table (R, d) or empty).
+std::tuple<at::Tensor, at::Tensor> gather_sum_backward(const at::Tensor& grad, const at::Tensor& rows,
+                                                       const at::Tensor& weights, const at::Tensor& table_,
+                                                       bool need_weights, bool need_table) {
+  check_rows_weights(rows, weights);
+  check_table(table_, table_.size(0));
+  const int64_t N = rows.size(0), K = rows.size(1), R = table_.size(0), d = table_.size(1);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == N && grad.size(1) == d, "memoryformer: grad must be (",
+              N, ", ", d, "); got ", grad.sizes());
+  const at::Tensor t = table_.contiguous();
+  at::Tensor gT = need_table ? at::empty_like(t) : at::empty({0}, t.options());
+  at::Tensor gw = need_weights ? at::zeros({N, K}, weights.options().dtype(at::kFloat))
+                               : at::empty({0}, weights.options());
+  if (N == 0 || K == 0) {
+    if (need_table) gT.zero_();
+    return {need_weights ? gw.to(weights.scalar_type()) : gw, gT};
+  }
+  const std::vector<int32_t> r = rows_i32(rows, R);
+  const at::Tensor wt = weights.to(at::kFloat).contiguous();
+  CSR csr;
+  build_csr(r.data(), wt.data_ptr<float>(), N, K, R, csr);
+  const at::Tensor g = grad.to(at::kFloat).contiguous();
+  float* gwp = need_weights ? gw.data_ptr<float>() : nullptr;
+  if (t.scalar_type() == at::kFloat) {
+    Table<float> T{t.data_ptr<float>(), nullptr, R, d};
+    bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_table ? gT.data_ptr<float>() : nullptr, gwp);
+  } else {
+    Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, d};
+    bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_table ? gT.data_ptr<bf16>() : nullptr, gwp);
+  }
+  return {need_weights ? gw.to(weights.scalar_type()) : gw, gT};
+}
+
+// Hash only: rows (N, K) int64 and weights (N, K) in x's dtype.
+std::tuple<at::Tensor, at::Tensor> hash(const at::Tensor& x_, int64_t tau, c10::string_view weighting,
+                                        double temperature) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const HashSpec hs = make_spec(x.size(1), tau, weighting, temperature);
+  const int64_t N = x.size(0), K = hs.K;
+  at::Tensor rows32 = at::empty({N, K}, x.options().dtype(at::kInt));
+  at::Tensor w = at::empty({N, K}, x.options().dtype(at::kFloat));
+  if (N > 0)
+    dispatch_x(x.scalar_type(), [&](auto xt) {
+      using XT = decltype(xt);
+      hash_all(x.data_ptr<XT>(), hs, N, rows32.data_ptr<int32_t>(), w.data_ptr<float>());
+    });
+  return {rows32.to(at::kLong), w.to(x.scalar_type())};
+}
+
+at::Tensor hash_backward(const at::Tensor& grad_w, const at::Tensor& x_, int64_t tau,
+                         c10::string_view weighting, double temperature) {
+  check_x(x_);
+  const at::Tensor x = x_.contiguous();
+  const HashSpec hs = make_spec(x.size(1), tau, weighting, temperature);
+  const int64_t N = x.size(0), K = hs.K;
+  TORCH_CHECK(grad_w.dim() == 2 && grad_w.size(0) == N && grad_w.size(1) == K,
+              "memoryformer: grad of weights must be (", N, ", ", K, "); got ", grad_w.sizes());
+  const at::Tensor g = grad_w.to(at::kFloat).contiguous();
+  at::Tensor gx = at::empty_like(x);
+  if (N == 0) return gx;
+  dispatch_x(x.scalar_type(), [&](auto xt) {
+    using XT = decltype(xt);
+    const XT* xp = x.data_ptr<XT>();
+    XT* gxp = gx.data_ptr<XT>();
+    const float* gp = g.data_ptr<float>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / hs.D), [&](int64_t b, int64_t e) {
+      std::vector<float> scratch(hs.D);
+      for (int64_t n = b; n < e; ++n) hash_token_backward(xp + n * hs.D, hs, gp + n * K, scratch.data(), gxp + n * hs.D);
+    });
+  });
+  return gx;
+}
+
+}  // namespace mf
+
+TORCH_LIBRARY(memoryformer, m) {
+  m.def("memory_layer(Tensor x, Tensor[] tables, Tensor?[] biases, int tau, str weighting, "
+        "float temperature) -> Tensor[]");
+  m.def("memory_layer_backward(Tensor[] grads, Tensor x, Tensor[] tables, int tau, str weighting, "
+        "float temperature, bool need_x, bool need_tables) -> (Tensor, Tensor[])");
+  m.def("memory_layer_q8(Tensor x, Tensor qtable, Tensor scales, Tensor? bias, int tau, str weighting, "
+        "float temperature) -> Tensor");
+  m.def("gather_sum(Tensor rows, Tensor weights, Tensor table, Tensor? bias) -> Tensor");
+  m.def("gather_sum_backward(Tensor grad, Tensor rows, Tensor weights, Tensor table, bool need_weights, "
+        "bool need_table) -> (Tensor, Tensor)");
+  m.def("hash(Tensor x, int tau, str weighting, float temperature) -> (Tensor, Tensor)");
+  m.def("hash_backward(Tensor grad_weights, Tensor x, int tau, str weighting, float temperature) -> Tensor");
+  m.def("_set_option(str name, int value) -> int", &mf::set_option);
+}
+
+TORCH_LIBRARY_IMPL(memoryformer, CPU, m) {
+  m.impl("memory_layer", &mf::memory_layer);
+  m.impl("memory_layer_backward", &mf::memory_layer_backward);
+  m.impl("memory_layer_q8", &mf::memory_layer_q8);
+  m.impl("gather_sum", &mf::gather_sum);
+  m.impl("gather_sum_backward", &mf::gather_sum_backward);
+  m.impl("hash", &mf::hash);
+  m.impl("hash_backward", &mf::hash_backward);
+}
