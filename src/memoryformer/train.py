@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,14 +330,13 @@ class MetricsLog:
                  run_config: dict[str, Any], say) -> None:
         self.path = out_dir / "metrics.csv"
         rows: list[dict[str, str]] = []
+        self._fields = list(CSV_FIELDS)  # plus any extra columns (on_eval metrics), in order of appearance
         if start_step > 0 and self.path.is_file():  # resume: drop rows logged after the checkpoint
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
-        self._file = open(self.path, "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        self._writer.writeheader()
-        self._writer.writerows(rows)
-        self._file.flush()
+                reader = csv.DictReader(f)
+                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+                self._fields += [k for k in reader.fieldnames or () if k not in self._fields]
+        self._rewrite(rows)
         self.tb = None
         if tensorboard:
             try:
@@ -355,7 +355,21 @@ class MetricsLog:
             self.wandb = wandb.init(project=wandb_project, name=out_dir.name, dir=str(out_dir),
                                     config=run_config, resume="allow")
 
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        self._file = open(self.path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self._fields, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(rows)
+        self._file.flush()
+
     def row(self, **values: Any) -> None:
+        new = [k for k in values if k not in self._fields]
+        if new:  # a new column (an on_eval metric): rewrite the small file under the wider header
+            self._file.close()
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self._fields += new
+            self._rewrite(rows)
         self._writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
         self._file.flush()
 
@@ -524,13 +538,16 @@ def _load_resume_state(path: Path, model_config: ModelConfig, env: D.DistEnv) ->
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | Path, out_dir: str | Path,
           resume: bool | str = False, *, stop_at_step: int | None = None, progress: bool = True,
-          verbose: bool = True) -> TrainResult:
+          verbose: bool = True, on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None) -> TrainResult:
     """Train a LanguageModel on a prepared data directory; write logs, checkpoints and weights to out_dir.
 
     resume: False starts a new run (error if out_dir already holds checkpoints); True continues
         from the latest checkpoint in out_dir (error if there is none); "auto" does whichever applies.
     stop_at_step: checkpoint and return after this step, keeping the schedule of max_steps (train
         in pieces; continue with resume=True). Weights are written only when max_steps is reached.
+    on_eval: called as on_eval(model, step) after each validation (model in eval mode, no grad);
+        the numbers it returns are stored in that step's `evals` entry and logged beside val_loss
+        (metrics.csv columns, TensorBoard "val/<name>"). Under torchrun it runs on every rank.
     Under torchrun, every rank calls train(); rank 0 logs and writes. Returns a TrainResult on
     every rank (loss history, validation results, throughput; `.model` is the trained model).
     SIGINT / SIGTERM: the current step finishes, a checkpoint is written and the result comes
@@ -550,13 +567,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
     env = D.init_distributed(tc.device)
     try:
         return _train(model_config, tc, data, out, resume_from, env, stop_at_step=stop_at_step, progress=progress,
-                      verbose=verbose, make_model=lambda: LanguageModel(model_config))
+                      verbose=verbose, make_model=lambda: LanguageModel(model_config), on_eval=on_eval)
     finally:
         D.cleanup(env)
 
 
 def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_from: Path | None,
-           env: D.DistEnv, *, stop_at_step: int | None, progress: bool, verbose: bool, make_model) -> TrainResult:
+           env: D.DistEnv, *, stop_at_step: int | None, progress: bool, verbose: bool, make_model,
+           on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     bar = None
@@ -705,11 +723,21 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
         res = validation_loss(fast, data, tc.seq_len, tc.batch_size, max_windows=max_windows, env=env,
                               precision=precision, sharded=sharded)
         entry = {"step": at_step, "tokens": result.tokens, "val_loss": res["loss"], "val_ppl": res["ppl"]}
+        extra: dict[str, float] = {}
+        if on_eval is not None:
+            was_training = core.training
+            core.eval()
+            with torch.no_grad():
+                extra = {k: float(v) for k, v in on_eval(core, at_step).items()}
+            core.train(was_training)
+        entry.update(extra)
         result.evals.append(entry)
         if log is not None:
             log.row(step=at_step, tokens=result.tokens, val_loss=f"{res['loss']:.6f}", val_ppl=f"{res['ppl']:.4f}",
-                    elapsed_s=f"{elapsed_before + time.perf_counter() - wall_start:.1f}")
-            log.scalars(at_step, {"val/loss": res["loss"], "val/ppl": res["ppl"]})
+                    elapsed_s=f"{elapsed_before + time.perf_counter() - wall_start:.1f}",
+                    **{k: f"{v:.6g}" for k, v in extra.items()})
+            log.scalars(at_step, {"val/loss": res["loss"], "val/ppl": res["ppl"],
+                                  **{f"val/{k}": v for k, v in extra.items()}})
         say(f"step {at_step}: val loss {res['loss']:.4f}, ppl {res['ppl']:.2f}")
 
     params = [p for p in core.parameters() if p.requires_grad]
