@@ -17,6 +17,7 @@ checkpoint written by one process, by DDP or by FSDP2 is the same file and loads
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -39,7 +40,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
-    owns_group: bool = False  # True when init_distributed created the process group
+    owns_group: bool = False  # True when init_distributed created the process group (destroyed at exit)
 
     @property
     def distributed(self) -> bool:
@@ -96,13 +97,24 @@ def init_distributed(device: str | None = "auto") -> DistEnv:
         dist.init_process_group(backend, device_id=dev)
     else:
         dist.init_process_group(backend)
+    # The group lives until the process exits: re-creating it in the same torchrun job would meet the
+    # previous group's keys in torchrun's store, so later train() calls reuse this one.
+    atexit.register(_destroy_group)
     return DistEnv(rank, world, local, dev, backend, owns_group=True)
 
 
-def cleanup(env: DistEnv) -> None:
-    """Destroy the process group if init_distributed created it."""
-    if env.owns_group and dist.is_initialized():
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if env.distributed:
+        if env.backend == "nccl":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
 
 
 # ---- collectives that are no-ops in a single process -------------------------------------------

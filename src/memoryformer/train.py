@@ -86,7 +86,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: no clipping
     eval_every: int = 200  # 0: only at the end
-    eval_batches: int | None = 20  # global batches of validation windows; None or 0: the whole split
+    eval_batches: int | None = 20  # validation windows = eval_batches x the global batch; None or 0: the whole split
     log_every: int = 10
     ckpt_every: int = 500  # 0: only at the end (and on a stop signal)
     keep_last: int = 3  # 0: keep every checkpoint
@@ -565,11 +565,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
     resume_from = _resume_target(out, resume)  # before any process group: bad input fails fast
 
     env = D.init_distributed(tc.device)
-    try:
-        return _train(model_config, tc, data, out, resume_from, env, stop_at_step=stop_at_step, progress=progress,
-                      verbose=verbose, make_model=lambda: LanguageModel(model_config), on_eval=on_eval)
-    finally:
-        D.cleanup(env)
+    result = _train(model_config, tc, data, out, resume_from, env, stop_at_step=stop_at_step, progress=progress,
+                    verbose=verbose, make_model=lambda: LanguageModel(model_config), on_eval=on_eval)
+    D.barrier(env)  # rank 0's files are complete when any rank returns
+    return result
 
 
 def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_from: Path | None,
@@ -719,7 +718,8 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
         interval_start = time.perf_counter()
 
     def run_eval(at_step: int) -> None:
-        max_windows = tc.eval_batches * tc.batch_size * env.world_size if tc.eval_batches else None
+        global_batch = tc.batch_size * tc.grad_accum * env.world_size
+        max_windows = tc.eval_batches * global_batch if tc.eval_batches else None
         res = validation_loss(fast, data, tc.seq_len, tc.batch_size, max_windows=max_windows, env=env,
                               precision=precision, sharded=sharded)
         entry = {"step": at_step, "tokens": result.tokens, "val_loss": res["loss"], "val_ppl": res["ppl"]}

@@ -1,0 +1,136 @@
+"""Distributed training on CPU with gloo: 2 processes under torchrun, DDP and FSDP2 against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from memoryformer import checkpoint as ckpt
+from memoryformer import distributed as D
+from memoryformer.config import ModelConfig
+from memoryformer.train import TrainConfig, train
+
+WORDS = "the a memory table hash layer token model train loss value key query bucket sign chunk".split()
+
+WORKER = textwrap.dedent('''
+    import json, os, sys
+    import torch.distributed as dist
+    from memoryformer.config import ModelConfig
+    from memoryformer.train import TrainConfig, train
+
+    data, out = sys.argv[1], sys.argv[2]
+    cfg = ModelConfig.from_preset("mf-test", vocab_size=300)
+    # per rank: 1 sequence x 2 micro-steps; global batch 1 x 2 x 2 = 4 sequences, as the 1-process run
+    tc = TrainConfig(**json.loads(sys.argv[3]))
+    quiet = dict(progress=False, verbose=False)
+    ddp = train(cfg, tc, data, out + "/ddp", **quiet)
+    fsdp_a = train(cfg, tc.replace(fsdp=True), data, out + "/fsdp", stop_at_step=2, **quiet)
+    fsdp_b = train(cfg, tc.replace(fsdp=True), data, out + "/fsdp", resume=True, **quiet)
+    # the whole validation split (221 windows of 16 today), 5 a batch: rank 0 runs 23 forwards, rank 1 22 + 1 padding
+    from memoryformer import distributed as D
+    from memoryformer.data import TokenData
+    from memoryformer.train import validation_loss
+    full = validation_loss(fsdp_b.model, TokenData(data), 16, batch_size=5, env=D.init_distributed("cpu"),
+                           sharded=True)
+    report = {"ddp": ddp.to_dict(), "fsdp_a": fsdp_a.to_dict(), "fsdp_b": fsdp_b.to_dict(), "full_val": full,
+              "initialized_after": dist.is_initialized()}
+    with open(f"{out}/rank{os.environ['RANK']}.json", "w") as f:
+        json.dump(report, f)
+''')
+
+
+def make_data(root, seed: int = 0):
+    """A tiny prepared data directory (byte-level BPE of 300 ids) built with data.prepare."""
+    from memoryformer.data import prepare
+
+    src = root / "corpus"
+    src.mkdir(parents=True)
+    rng = random.Random(seed)
+    for d in range(12):
+        lines = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + "." for _ in range(60))
+        (src / f"doc{d}.txt").write_text("\n".join(lines))
+    prepare([str(src)], root / "data", vocab_size=300, val_fraction=0.2, block_chars=1000, progress=False)
+    return root / "data"
+
+
+def test_environment_detection(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not D.launched_by_torchrun()
+    env = D.init_distributed("cpu")
+    assert (env.rank, env.world_size, env.distributed, env.is_main, env.owns_group) == (0, 1, False, True, False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert D.launched_by_torchrun() and not D.init_distributed("cpu").distributed  # world of one: no group
+    assert D.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            D.resolve_device("cuda")
+    else:
+        assert D.resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    # single-process collectives are identities
+    t = torch.tensor([3.0])
+    assert D.all_reduce(t, env, "mean").item() == 3.0 and D.any_rank(True, env) and D.broadcast_object(5, env) == 5
+
+
+def test_ddp_and_fsdp2_match_one_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo): DDP and FSDP2 losses equal one process with the same global batch;
+    FSDP2 checkpoints (full state dicts) resume, and load in one process like any checkpoint."""
+    data = make_data(tmp_path)
+    settings = dict(batch_size=1, grad_accum=2, seq_len=16, max_steps=4, eval_every=2, eval_batches=2, log_every=1,
+                    ckpt_every=0, keep_last=0, tensorboard=False, device="cpu", precision="fp32")
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "dist"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(data), str(out), json.dumps(settings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    cfg = ModelConfig.from_preset("mf-test", vocab_size=300)
+    one = train(cfg, TrainConfig(**{**settings, "batch_size": 4, "grad_accum": 1}), data, tmp_path / "one",
+                progress=False, verbose=False)
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        ddp, fsdp_a, fsdp_b = rep["ddp"], rep["fsdp_a"], rep["fsdp_b"]
+        assert ddp["world_size"] == 2 and ddp["tokens"] == one.tokens and rep["initialized_after"]
+        assert ddp["losses"] == pytest.approx(one.losses, abs=1e-5, rel=0)
+        assert [e["val_loss"] for e in ddp["evals"]] == pytest.approx([e["val_loss"] for e in one.evals], abs=1e-5)
+        assert fsdp_a["step"] == 2 and fsdp_b["step"] == 4 and fsdp_b["finished"]
+        assert fsdp_b["losses"][:2] == fsdp_a["losses"]
+        assert fsdp_b["losses"] == pytest.approx(one.losses, abs=1e-5, rel=0)
+        assert [e["val_loss"] for e in fsdp_b["evals"]] == pytest.approx([e["val_loss"] for e in one.evals], abs=1e-5)
+    assert one.losses[-1] < one.losses[0] - 0.2
+    from memoryformer.data import TokenData
+    from memoryformer.train import validation_loss
+
+    full = validation_loss(one.model, TokenData(data), 16, batch_size=5)
+    assert full["tokens"] == TokenData(data).num_eval_windows("val", 16) * 16
+    for rep in reports:
+        assert rep["full_val"]["tokens"] == full["tokens"]
+        assert rep["full_val"]["loss"] == pytest.approx(full["loss"], abs=1e-4)
+
+    # only rank 0 wrote; the FSDP2 checkpoint has the single-process format and loads anywhere
+    single = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "one"))
+    sharded = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "fsdp"))
+    assert sharded["world_size"] == 2 and sharded["step"] == 4
+    assert sharded["model"].keys() == single["model"].keys()
+    assert all(sharded["model"][k].shape == v.shape for k, v in single["model"].items())
+    assert sharded["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()
+    model, tokenizer = ckpt.load_model(out / "fsdp")
+    assert tokenizer is not None and model.config == cfg
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref, _ = ckpt.load_model(tmp_path / "one")
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], ref(x)[0], atol=1e-3)
+    assert (out / "ddp" / "metrics.csv").is_file() and (out / "fsdp" / "model.safetensors").is_file()
