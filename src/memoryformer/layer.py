@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memoryformer import kernels as _kernels  # optional fast ops; importing compiles nothing
+
 WEIGHTINGS = ("prob", "l1")
 MAX_TAU = 16
 
@@ -62,6 +64,9 @@ def memory_hash(
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
         _check_input(x, -1)
     num_tables = _check_tau(x.shape[-1], tau)
+    fast = _kernels.try_memory_hash(x, tau, weighting, temperature)  # same hash as the fused kernels
+    if fast is not None:
+        return fast
     z = x.unflatten(-1, (num_tables, tau))  # (..., K, tau)
     # bit j of a chunk is 1 iff z_j >= 0 (so 0.0 and -0.0 give 1); first element = MSB
     place = torch.pow(2, torch.arange(tau - 1, -1, -1, device=x.device, dtype=torch.int64))
@@ -150,10 +155,14 @@ def memory_layer(
             f"table must have shape ({expected_rows}, out_features) for K={num_tables}, tau={tau}; "
             f"got {tuple(table.shape)}"
         )
+    if hashed is not None:
+        _check_hashed(hashed, x.shape[:-1], num_tables)
+    # C++ kernels when available and faster (memoryformer.kernels); None -> the pure path below
+    fast = _kernels.try_memory_layer(x, table, bias, tau, weighting, temperature, hashed)
+    if fast is not None:
+        return fast
     if hashed is None:
         hashed = memory_hash(x, tau, weighting, temperature)
-    else:
-        _check_hashed(hashed, x.shape[:-1], num_tables)
     rows, weights = hashed
     return gather_sum(rows, weights, table, bias)
 

@@ -16,7 +16,8 @@ Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
     memory_layer_int8(x, qtable, scales, bias=None, *, tau, weighting, temperature) -> float32
     backend(name) context manager, set_backend(name), get_backend(): "auto" | "kernels" | "torch"
     load() -> bool (build/load now), loaded() -> bool, last_error()
-The layer (memoryformer.layer.memory_layer) dispatches here through `try_memory_layer`.
+The layer dispatches here: memoryformer.layer.memory_layer through `try_memory_layer` and
+memoryformer.layer.memory_hash through `try_memory_hash` (so a shared hash equals the fused one).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from memoryformer.kernels._loader import last_error, load, loaded
 __all__ = [
     "BACKENDS", "backend", "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash",
     "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
-    "supported", "try_memory_layer",
+    "supported", "try_memory_hash", "try_memory_layer",
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -45,6 +46,11 @@ def supported(x: Tensor, *tables: Tensor) -> bool:
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _biases(x: Tensor, biases) -> list[Tensor]:
+    """The op's bias list: an empty tensor stands for "no bias"."""
+    return [x.new_empty(0, dtype=torch.float32) if b is None else b for b in biases]
 
 
 def _require() -> None:
@@ -81,7 +87,7 @@ def memory_layers(
         hashed = ref_hash(x, tau, weighting, temperature)
         return [ref_layer(x, t, b, tau=tau, weighting=weighting, temperature=temperature, hashed=hashed)
                 for t, b in zip(tables, biases)]
-    outs = torch.ops.memoryformer.memory_layer(_flat(x), list(tables), biases, tau, weighting,
+    outs = torch.ops.memoryformer.memory_layer(_flat(x), list(tables), _biases(x, biases), tau, weighting,
                                                float(temperature))
     return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
 
@@ -97,14 +103,15 @@ def memory_layer(
 ) -> Tensor:
     """The fused hash + gather op for one table: (..., K*tau) -> (..., out). Requires the kernels."""
     _require()
-    out = torch.ops.memoryformer.memory_layer(_flat(x), [table], [bias], tau, weighting, float(temperature))[0]
+    out = torch.ops.memoryformer.memory_layer(_flat(x), [table], _biases(x, [bias]), tau, weighting,
+                                              float(temperature))[0]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def memory_hash(x: Tensor, tau: int, weighting: str = "prob", temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """The hash as one op: rows (..., K) int64 and weights (..., K) in x's dtype (differentiable)."""
     _require()
-    rows, w = torch.ops.memoryformer.hash(_flat(x), tau, weighting, float(temperature))
+    w, rows = torch.ops.memoryformer.hash(_flat(x), tau, weighting, float(temperature))
     lead = x.shape[:-1]
     return rows.reshape(*lead, rows.shape[-1]), w.reshape(*lead, w.shape[-1])
 
@@ -164,6 +171,26 @@ def _use_kernels(n: int, d: int, grad: bool) -> bool:
     return True
 
 
+def _active(x: Tensor, *tables: Tensor) -> bool:
+    """Kernels selected (backend), supported for these tensors, and built."""
+    if get_backend() == "torch" or torch.jit.is_scripting() or x.dim() == 0:
+        return False
+    return supported(x, *tables) and load()
+
+
+def try_memory_hash(x: Tensor, tau: int, weighting: str, temperature: float) -> tuple[Tensor, Tensor] | None:
+    """The layer's hash hook: (rows, weights) from the kernel, or None for the pure path.
+
+    Used so that a shared hash (`MemoryLayer.hash` then `forward(x, hashed)`) gives exactly the
+    fused kernel's weights. Inputs are already validated by memoryformer.layer.memory_hash.
+    """
+    if not _active(x):
+        return None
+    w, rows = torch.ops.memoryformer.hash(_flat(x), tau, weighting, float(temperature))
+    lead = x.shape[:-1]
+    return rows.reshape(*lead, rows.shape[-1]), w.reshape(*lead, w.shape[-1])
+
+
 def try_memory_layer(
     x: Tensor,
     table: Tensor,
@@ -194,7 +221,8 @@ def try_memory_layer(
     if not load():
         return None
     if hashed is None:
-        out = torch.ops.memoryformer.memory_layer(_flat(x), [table], [bias], tau, weighting, float(temperature))[0]
+        out = torch.ops.memoryformer.memory_layer(_flat(x), [table], _biases(x, [bias]), tau, weighting,
+                                              float(temperature))[0]
         return out.reshape(*x.shape[:-1], out.shape[-1])
     rows, weights = hashed
     k = rows.shape[-1]

@@ -40,7 +40,7 @@ def _fake_gather_sum_backward(grad, rows, weights, table, need_weights, need_tab
 
 def _fake_hash(x, tau, weighting, temperature):
     shape = (x.shape[0], x.shape[1] // tau)
-    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
 
 def _fake_hash_backward(grad_weights, x, tau, weighting, temperature):
@@ -48,29 +48,35 @@ def _fake_hash_backward(grad_weights, x, tau, weighting, temperature):
 
 
 # ---- autograd -------------------------------------------------------------------------------------
+def _flags(needs, n: int) -> list[bool]:
+    return [bool(v) for v in needs] if isinstance(needs, (list, tuple)) else [bool(needs)] * n
+
+
 def _ml_setup(ctx, inputs, output):
     x, tables, biases, tau, weighting, temperature = inputs
     ctx.save_for_backward(x, *tables)
     ctx.hash_args = (tau, weighting, temperature)
-    ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+    ctx.bias_meta = [(b.numel() > 0, b.dtype, b.shape) for b in biases]
 
 
 def _ml_backward(ctx, grads):
     x, *tables = ctx.saved_tensors
+    n = len(tables)
     need_x = bool(ctx.needs_input_grad[0])
-    need_tables = any(ctx.needs_input_grad[1])
+    need_t = _flags(ctx.needs_input_grad[1], n)
+    need_b = _flags(ctx.needs_input_grad[2], n)
     grads = [
         g if g is not None else torch.zeros((x.shape[0], t.shape[1]), dtype=t.dtype)
         for g, t in zip(grads, tables)
     ]
     gx, gtables = torch.ops.memoryformer.memory_layer_backward(
-        grads, x, tables, *ctx.hash_args, need_x, need_tables
+        grads, x, tables, *ctx.hash_args, need_x, any(need_t)
     )
     gbiases = [
-        None if dt is None or not need else g.sum(0, dtype=torch.float32).to(dt)
-        for dt, need, g in zip(ctx.bias_dtypes, ctx.needs_input_grad[2], grads)
+        (g.sum(0, dtype=torch.float32).to(dt) if has else torch.zeros(shape, dtype=dt)) if need else None
+        for (has, dt, shape), need, g in zip(ctx.bias_meta, need_b, grads)
     ]
-    gtables = [gt if need else None for gt, need in zip(gtables, ctx.needs_input_grad[1])]
+    gtables = [gt if need else None for gt, need in zip(gtables, need_t)]
     return (gx if need_x else None), gtables, gbiases, None, None, None
 
 
@@ -90,11 +96,12 @@ def _gs_backward(ctx, grad):
 
 def _hash_setup(ctx, inputs, output):
     x, tau, weighting, temperature = inputs
+    ctx.mark_non_differentiable(output[1])  # integer rows
     ctx.save_for_backward(x)
     ctx.hash_args = (tau, weighting, temperature)
 
 
-def _hash_backward(ctx, grad_rows, grad_weights):
+def _hash_backward(ctx, grad_weights, grad_rows):
     (x,) = ctx.saved_tensors
     if grad_weights is None:
         return None, None, None, None

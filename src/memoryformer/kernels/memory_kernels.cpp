@@ -219,7 +219,8 @@ static inline void hash_token(const XT* x, const HashSpec& hs, float* e, int32_t
       l1 += std::fabs(v);
     }
     rows[k] = static_cast<int32_t>((k << tau) | code);
-    w[k] = hs.l1 ? l1 / prod : 1.f / prod;
+    const float wk = hs.l1 ? l1 / prod : 1.f / prod;
+    w[k] = to_f(static_cast<XT>(wk));  // weights live in x's dtype, as in memoryformer.layer
   }
 }
 
@@ -643,11 +644,15 @@ static void check_table(const at::Tensor& t, int64_t R) {
   TORCH_CHECK(R < (int64_t(1) << 31), "memoryformer: table has too many rows for int32 indices");
 }
 
+// An undefined or empty (numel 0) bias means "no bias".
+static at::Tensor bias_f32(const at::Tensor& b, int64_t d) {
+  if (!b.defined() || (b.numel() == 0 && d > 0)) return at::Tensor();
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == d, "memoryformer: bias must have shape (", d, ",); got ",
+              b.sizes());
+  return b.to(at::kFloat).contiguous();
+}
 static at::Tensor bias_f32(const c10::optional<at::Tensor>& b, int64_t d) {
-  if (!b.has_value() || !b->defined()) return at::Tensor();
-  TORCH_CHECK(b->dim() == 1 && b->size(0) == d, "memoryformer: bias must have shape (", d, ",); got ",
-              b->sizes());
-  return b->to(at::kFloat).contiguous();
+  return b.has_value() ? bias_f32(*b, d) : at::Tensor();
 }
 
 template <typename F>
@@ -660,14 +665,14 @@ static void dispatch_x(at::ScalarType st, const F& f) {
 // Ops
 // ------------------------------------------------------------------------------------------------
 // Hash once, gather from every table (tables share the hash: Q, K, V).
-std::vector<at::Tensor> memory_layer(const at::Tensor& x_, at::TensorList tables,
-                                     const c10::List<c10::optional<at::Tensor>>& biases, int64_t tau,
+std::vector<at::Tensor> memory_layer(const at::Tensor& x_, at::TensorList tables, at::TensorList biases,
+                                     int64_t tau,
                                      c10::string_view weighting, double temperature) {
   check_x(x_);
   const at::Tensor x = x_.contiguous();
   const HashSpec hs = make_spec(x.size(1), tau, weighting, temperature);
   TORCH_CHECK(biases.size() == tables.size(), "memoryformer: got ", tables.size(), " tables but ",
-              biases.size(), " biases (pass None for a table without bias)");
+              biases.size(), " biases (pass an empty tensor for a table without bias)");
   const int64_t N = x.size(0), K = hs.K, R = K << tau;
   std::vector<at::Tensor> outs;
   for (const auto& t : tables) check_table(t, R);
@@ -687,7 +692,7 @@ std::vector<at::Tensor> memory_layer(const at::Tensor& x_, at::TensorList tables
   for (size_t i = 0; i < tables.size(); ++i) {
     const at::Tensor t = tables[i].contiguous();
     const int64_t d = t.size(1);
-    const at::Tensor b = bias_f32(biases.get(i), d);
+    const at::Tensor b = bias_f32(biases[i], d);
     at::Tensor out = at::empty({N, d}, t.options());
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     if (t.scalar_type() == at::kFloat) {
@@ -892,7 +897,8 @@ std::tuple<at::Tensor, at::Tensor> gather_sum_backward(const at::Tensor& grad, c
   return {need_weights ? gw.to(weights.scalar_type()) : gw, gT};
 }
 
-// Hash only: rows (N, K) int64 and weights (N, K) in x's dtype.
+// Hash only: weights (N, K) in x's dtype and rows (N, K) int64 (weights first: a float output
+// first keeps torch.library.opcheck's autograd check happy).
 std::tuple<at::Tensor, at::Tensor> hash(const at::Tensor& x_, int64_t tau, c10::string_view weighting,
                                         double temperature) {
   check_x(x_);
@@ -906,7 +912,7 @@ std::tuple<at::Tensor, at::Tensor> hash(const at::Tensor& x_, int64_t tau, c10::
       using XT = decltype(xt);
       hash_all(x.data_ptr<XT>(), hs, N, rows32.data_ptr<int32_t>(), w.data_ptr<float>());
     });
-  return {rows32.to(at::kLong), w.to(x.scalar_type())};
+  return {w.to(x.scalar_type()), rows32.to(at::kLong)};
 }
 
 at::Tensor hash_backward(const at::Tensor& grad_w, const at::Tensor& x_, int64_t tau,
@@ -936,7 +942,9 @@ at::Tensor hash_backward(const at::Tensor& grad_w, const at::Tensor& x_, int64_t
 }  // namespace mf
 
 TORCH_LIBRARY(memoryformer, m) {
-  m.def("memory_layer(Tensor x, Tensor[] tables, Tensor?[] biases, int tau, str weighting, "
+  // biases: one per table; an empty tensor (numel 0) means no bias (Tensor?[] would hide the
+  // defined ones from autograd's tensor-list support)
+  m.def("memory_layer(Tensor x, Tensor[] tables, Tensor[] biases, int tau, str weighting, "
         "float temperature) -> Tensor[]");
   m.def("memory_layer_backward(Tensor[] grads, Tensor x, Tensor[] tables, int tau, str weighting, "
         "float temperature, bool need_x, bool need_tables) -> (Tensor, Tensor[])");
@@ -945,7 +953,7 @@ TORCH_LIBRARY(memoryformer, m) {
   m.def("gather_sum(Tensor rows, Tensor weights, Tensor table, Tensor? bias) -> Tensor");
   m.def("gather_sum_backward(Tensor grad, Tensor rows, Tensor weights, Tensor table, bool need_weights, "
         "bool need_table) -> (Tensor, Tensor)");
-  m.def("hash(Tensor x, int tau, str weighting, float temperature) -> (Tensor, Tensor)");
+  m.def("hash(Tensor x, int tau, str weighting, float temperature) -> (Tensor weights, Tensor rows)");
   m.def("hash_backward(Tensor grad_weights, Tensor x, int tau, str weighting, float temperature) -> Tensor");
   m.def("_set_option(str name, int value) -> int", &mf::set_option);
 }

@@ -1,0 +1,384 @@
+"""The C++ Memory Layer kernels (memoryformer.kernels) against the pure-PyTorch path in float64.
+
+The kernels are built once per session (module fixture; cached across sessions in
+~/.cache/memoryformer). Every op is checked for values and gradients, with torch.library.opcheck,
+under the disabled backend, and with a build that fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from memoryformer import MemoryLayer, kernels
+from memoryformer.kernels import _loader
+from memoryformer.layer import memory_hash, memory_layer
+
+ops = torch.ops.memoryformer if hasattr(torch.ops, "memoryformer") else None
+
+
+def _toolchain_missing() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH)"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            return "ninja is not installed (torch.utils.cpp_extension needs it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Build/load the kernels once for this module; skip with the reason when impossible."""
+    missing = _toolchain_missing()
+    if missing:
+        pytest.skip(f"kernels not buildable here: {missing}")
+    if not kernels.load():
+        pytest.skip(f"kernels failed to build: {kernels.last_error()!r}")
+    return torch.ops.memoryformer
+
+
+@contextlib.contextmanager
+def option(name: str, value: int):
+    """Temporarily set a kernel tuning option (algorithm choice, block sizes)."""
+    old = torch.ops.memoryformer._set_option(name, value)
+    try:
+        yield
+    finally:
+        torch.ops.memoryformer._set_option(name, old)
+
+
+def reference(x, tables, biases, tau, weighting, temperature, grads=None):
+    """Pure-PyTorch layer path in float64: outputs and (with grads) input gradients."""
+    with kernels.backend("torch"):
+        x64 = x.detach().double().requires_grad_()
+        ts = [t.detach().double().requires_grad_() for t in tables]
+        bs = [None if b is None else b.detach().double().requires_grad_() for b in biases]
+        hashed = memory_hash(x64, tau, weighting, temperature)
+        outs = [memory_layer(x64, t, b, tau=tau, weighting=weighting, temperature=temperature, hashed=hashed)
+                for t, b in zip(ts, bs)]
+        if grads is not None:
+            torch.autograd.backward(outs, [g.double() for g in grads])
+    return outs, x64, ts, bs
+
+
+def close(actual, expected, rtol=2e-5, atol=2e-5):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+CASES = [  # (N, K, tau, out_features): odd and even K, tau 4 / 8 / 10, odd widths and tails
+    (0, 3, 8, 24), (1, 4, 8, 40), (3, 3, 4, 33), (63, 5, 10, 48), (65, 2, 8, 17),
+]
+ALGOS = {"token": 1, "bucket": 2, "small": 3}
+
+
+@pytest.mark.parametrize("n,k,tau,out", CASES)
+@pytest.mark.parametrize("weighting,temperature", [("prob", 0.7), ("l1", 1.0)])
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_memory_layers_values_and_grads(built, n, k, tau, out, weighting, temperature, algo):
+    torch.manual_seed(n + 7 * k + tau)
+    x = torch.randn(n, k * tau)
+    tables = [torch.randn(k << tau, out), torch.randn(k << tau, out + 3)]
+    biases = [torch.randn(out), None]
+    grads = [torch.randn(n, out), torch.randn(n, out + 3)]
+    ref, x64, ts, bs = reference(x, tables, biases, tau, weighting, temperature, grads)
+
+    xk = x.clone().requires_grad_()
+    tk = [t.clone().requires_grad_() for t in tables]
+    bk = [biases[0].clone().requires_grad_(), None]
+    with option("fwd_algo", ALGOS[algo]):
+        outs = kernels.memory_layers(xk, tk, bk, tau=tau, weighting=weighting, temperature=temperature)
+    torch.autograd.backward(outs, grads)
+    for o, r in zip(outs, ref):
+        assert o.dtype == torch.float32 and o.shape == r.shape
+        close(o, r)
+    close(xk.grad, x64.grad, rtol=1e-4, atol=1e-4)
+    for t, t64 in zip(tk, ts):
+        close(t.grad, t64.grad)
+    close(bk[0].grad, bs[0].grad)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_layer_dispatches_to_kernels_and_matches_pure_path(built, n, monkeypatch):
+    torch.manual_seed(n)
+    layer = MemoryLayer(32, 20, tau=8, weighting="l1")
+    x = torch.randn(2, n, 32, requires_grad=True)
+    used = []
+    real = kernels.try_memory_layer
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "try_memory_layer", spy)
+    y = layer(x)  # default backend ("auto")
+    assert used == [True]
+    y.sum().backward()
+    gx, gt = x.grad.clone(), layer.table.grad.clone()
+    x.grad = None
+    layer.table.grad = None
+    with kernels.backend("torch"):
+        y_ref = layer(x)
+    assert used == [True, False]
+    y_ref.sum().backward()
+    close(y, y_ref, rtol=1e-5, atol=1e-6)
+    close(gx, x.grad, rtol=1e-4, atol=1e-5)
+    close(gt, layer.table.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_hash_equals_fused_exactly(built):
+    layer = MemoryLayer(24, 12, tau=4)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 24).to(dtype)
+        with kernels.backend("kernels"):
+            hashed = layer.hash(x)
+            assert torch.equal(layer(x, hashed), layer(x))
+
+
+def test_hash_matches_reference_including_signed_zero_and_nan(built):
+    x = torch.randn(6, 40)
+    x[0, :8] = 0.0
+    x[1, :8] = -0.0
+    x[2, 3] = float("nan")
+    for weighting, temperature in (("prob", 1.0), ("prob", 0.3), ("l1", 1.0)):
+        with kernels.backend("torch"):
+            rows_ref, w_ref = memory_hash(x.double(), 8, weighting, temperature)
+        rows, w = kernels.memory_hash(x, 8, weighting, temperature)
+        assert rows.dtype == torch.int64 and torch.equal(rows, rows_ref)
+        assert torch.isnan(w[2, 0]) and torch.isnan(w_ref[2, 0])
+        close(w.nan_to_num(), w_ref.nan_to_num(), rtol=1e-6, atol=1e-7)
+
+
+def test_hash_gradient(built):
+    torch.manual_seed(1)
+    x = torch.randn(7, 30)
+    g = torch.randn(7, 3)
+    with kernels.backend("torch"):
+        x64 = x.double().requires_grad_()
+        memory_hash(x64, 10, "prob", 0.5)[1].backward(g.double())
+    xk = x.clone().requires_grad_()
+    kernels.memory_hash(xk, 10, "prob", 0.5)[1].backward(g)
+    close(xk.grad, x64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("n", [0, 3, 65])
+def test_gather_sum_values_and_grads(built, rows_dtype, n):
+    torch.manual_seed(n)
+    table = torch.randn(50, 19, requires_grad=True)
+    bias = torch.randn(19, requires_grad=True)
+    rows = torch.randint(0, 50, (n, 6))
+    weights = torch.randn(n, 6, requires_grad=True)
+    g = torch.randn(n, 19)
+    out = kernels.gather_sum(rows.to(rows_dtype), weights, table, bias)
+    out.backward(g)
+    t64, w64, b64 = (t.detach().double().requires_grad_() for t in (table, weights, bias))
+    ref = (w64[..., None] * t64[rows]).sum(1) + b64
+    ref.backward(g.double())
+    close(out, ref)
+    close(table.grad, t64.grad)
+    close(weights.grad, w64.grad)
+    close(bias.grad, b64.grad)
+
+
+def test_gather_sum_rejects_out_of_range_rows(built):
+    with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 10\)"):
+        kernels.gather_sum(torch.tensor([[0, 10]]), torch.ones(1, 2), torch.randn(10, 4))
+
+
+def test_bf16_tables_and_inputs(built):
+    torch.manual_seed(3)
+    x = torch.randn(33, 64).to(torch.bfloat16)
+    table = (torch.randn(8 << 8, 48) * 0.1).to(torch.bfloat16)
+    g = torch.randn(33, 48).to(torch.bfloat16)
+    ref, x64, ts, _ = reference(x, [table], [None], 8, "prob", 1.0, [g])
+    xk, tk = x.clone().requires_grad_(), table.clone().requires_grad_()
+    out = kernels.memory_layer(xk, tk, tau=8)
+    out.backward(g)
+    assert out.dtype == torch.bfloat16 and tk.grad.dtype == torch.bfloat16 and xk.grad.dtype == torch.bfloat16
+    close(out, ref[0], rtol=2e-2, atol=2e-2)
+    close(tk.grad, ts[0].grad, rtol=2e-2, atol=2e-2)
+    close(xk.grad, x64.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_int8_tables(built):
+    torch.manual_seed(4)
+    table = torch.randn(4 << 8, 40)
+    q, scales = kernels.quantize_tables(table)
+    assert q.dtype == torch.int8 and scales.shape == (4 << 8,)
+    err = (q.float() * scales[:, None] - table).abs()
+    assert (err <= scales[:, None] / 2 + 1e-7).all()
+    x, bias = torch.randn(9, 32), torch.randn(40)
+    deq = q.double() * scales.double()[:, None]
+    ref = reference(x, [deq], [bias], 8, "l1", 1.0)[0][0]
+    for algo in ALGOS.values():
+        with option("fwd_algo", algo):
+            out = kernels.memory_layer_int8(x, q, scales, bias, tau=8, weighting="l1")
+        assert out.dtype == torch.float32
+        close(out, ref, rtol=1e-5, atol=1e-5)
+    with kernels.backend("torch"):  # pure fallback: dequantise
+        close(kernels.memory_layer_int8(x, q, scales, bias, tau=8, weighting="l1"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_results_do_not_depend_on_thread_count(built):
+    x, table = torch.randn(300, 64), torch.randn(8 << 8, 72)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.memory_layer(x, table, tau=8)
+        g1 = ops_backward(x, table)
+        torch.set_num_threads(2)
+        two = kernels.memory_layer(x, table, tau=8)
+        g2 = ops_backward(x, table)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def ops_backward(x, table):
+    g = torch.ones(x.shape[0], table.shape[1])
+    gx, gts = torch.ops.memoryformer.memory_layer_backward([g], x, [table], 8, "prob", 1.0, True, True)
+    return gx, gts[0]
+
+
+def test_opcheck_all_ops(built):
+    torch.manual_seed(5)
+    x = torch.randn(5, 16, requires_grad=True)
+    t1 = torch.randn(2 << 8, 12, requires_grad=True)
+    t2 = torch.randn(2 << 8, 7, requires_grad=True)
+    b1 = torch.randn(12, requires_grad=True)
+    rows = torch.randint(0, 2 << 8, (5, 2))
+    w = torch.randn(5, 2, requires_grad=True)
+    q, s = kernels.quantize_tables(t1.detach())
+    g = [torch.randn(5, 12), torch.randn(5, 7)]
+    cases = [
+        (built.memory_layer, (x, [t1, t2], [b1, torch.empty(0)], 8, "prob", 0.5)),
+        (built.memory_layer, (x.detach(), [t1.detach()], [torch.empty(0)], 8, "l1", 1.0)),
+        (built.memory_layer_backward, (g, x.detach(), [t1.detach(), t2.detach()], 8, "l1", 1.0, True, False)),
+        (built.memory_layer_backward, (g[:1], x.detach(), [t1.detach()], 8, "prob", 1.0, False, True)),
+        (built.gather_sum, (rows, w, t1, b1)),
+        (built.gather_sum_backward, (g[0], rows, w.detach(), t1.detach(), True, True)),
+        (built.hash, (x, 8, "prob", 2.0)),
+        (built.hash_backward, (torch.randn(5, 2), x.detach(), 8, "l1", 1.0)),
+        (built.memory_layer_q8, (x.detach(), q, s, None, 8, "prob", 1.0)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_meta_tensors_and_flop_counter(built):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.empty(4, 3, 16, device="meta")
+    out = kernels.memory_layers(x, [torch.empty(2 << 8, 9, device="meta")], tau=8)[0]
+    assert out.shape == (4, 3, 9) and out.device.type == "meta"
+    with FlopCounterMode(display=False) as counter:
+        kernels.memory_layer(torch.randn(6, 16), torch.randn(2 << 8, 9), tau=8)
+    assert counter.get_total_flops() == 2 * 6 * 2 * 9
+
+
+def test_torch_compile_traces_the_op(built):
+    layer = MemoryLayer(16, 8, tau=8)
+    x = torch.randn(3, 16)
+    with kernels.backend("kernels"):
+        compiled = torch.compile(layer, backend="eager")
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_backend_switch_and_env(built, monkeypatch):
+    x, table = torch.randn(4, 16), torch.randn(2 << 8, 8)
+    with kernels.backend("torch"):
+        assert kernels.get_backend() == "torch"
+        assert kernels.try_memory_layer(x, table, None, 8, "prob", 1.0) is None
+        assert kernels.try_memory_hash(x, 8, "prob", 1.0) is None
+    assert kernels.try_memory_layer(x.double(), table.double(), None, 8, "prob", 1.0) is None  # float64
+    with kernels.backend("kernels"):
+        assert kernels.try_memory_layer(x, table, None, 8, "prob", 1.0) is not None
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.set_backend("fast")
+    from memoryformer.kernels import _backend
+
+    for value, expected in (("0", "torch"), ("off", "torch"), ("1", "auto"), ("", "auto"), ("force", "kernels")):
+        monkeypatch.setenv("MEMORYFORMER_KERNELS", value)
+        assert _backend._from_env() == expected
+    monkeypatch.setenv("MEMORYFORMER_KERNELS", "maybe")
+    with pytest.raises(ValueError, match="MEMORYFORMER_KERNELS='maybe'"):
+        _backend._from_env()
+
+
+def test_disabled_backend_gives_pure_path(built, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("kernel called while disabled")
+
+    layer = MemoryLayer(16, 8, tau=8)
+    x = torch.randn(3, 16)
+    monkeypatch.setattr(kernels, "supported", boom)
+    with kernels.backend("torch"):
+        y = layer(x)
+        assert kernels.memory_layers(x, [layer.table], [layer.bias], tau=8)[0].shape == y.shape
+
+
+def test_failed_build_warns_once_and_falls_back(built, monkeypatch):
+    def broken_build():
+        raise RuntimeError("simulated: no compiler")
+
+    saved = _loader._reset_for_tests()
+    monkeypatch.setattr(_loader, "_ops_registered", lambda: False)
+    monkeypatch.setattr(_loader, "_build", broken_build)
+    try:
+        layer = MemoryLayer(16, 8, tau=8)
+        x = torch.randn(3, 16)
+        with pytest.warns(RuntimeWarning, match="simulated: no compiler"):
+            y = layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kernels.load() and torch.equal(layer(x), y)  # no second warning
+        with kernels.backend("torch"):
+            torch.testing.assert_close(layer(x), y)
+    finally:
+        _loader._reset_for_tests(saved)
+
+
+def test_bad_compiler_in_fresh_process_falls_back(tmp_path):
+    """A real failing build: CXX points at a command that fails; the layer still works."""
+    script = textwrap.dedent("""
+        import warnings, torch
+        from memoryformer import MemoryLayer, kernels
+        layer = MemoryLayer(16, 8, tau=8)
+        x = torch.randn(2, 16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(x)
+        with kernels.backend("torch"):
+            ok = torch.equal(y, layer(x))
+        print(ok, kernels.loaded(), sum("could not build" in str(w.message) for w in caught))
+    """)
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), MEMORYFORMER_KERNELS_CACHE=str(tmp_path / "b"))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "False", "1"], res.stdout + res.stderr
+
+
+def test_bad_arguments_raise_clear_errors(built):
+    x, table = torch.randn(2, 16), torch.randn(2 << 8, 8)
+    with pytest.raises(RuntimeError, match="weighting must be 'prob' or 'l1'"):
+        built.memory_layer(x, [table], [torch.empty(0)], 8, "cos", 1.0)
+    with pytest.raises(RuntimeError, match="table must have shape"):
+        built.memory_layer(x, [torch.randn(100, 8)], [torch.empty(0)], 8, "prob", 1.0)
+    with pytest.raises(RuntimeError, match="float32/bfloat16"):
+        built.memory_layer(x.double(), [table], [torch.empty(0)], 8, "prob", 1.0)
+    with pytest.raises(RuntimeError, match="positive multiple of tau"):
+        built.memory_layer(torch.randn(2, 15), [table], [torch.empty(0)], 8, "prob", 1.0)
+    with pytest.raises(ValueError, match="2 tables but 1 biases"):
+        kernels.memory_layers(x, [table, table], [None], tau=8)
