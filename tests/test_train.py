@@ -297,3 +297,39 @@ def test_cli_out_of_memory_message(monkeypatch, tmp_path, data_dir, capsys):
                "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "out of memory" in err and "--batch-size" in err and "--grad-accum" in err and "--fsdp" in err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(data_dir, tmp_path, precision):
+    """bf16 autocast and fp16 autocast + GradScaler run and learn (the GPU defaults, on the CPU)."""
+    result = train(tiny_model(), tiny_train(max_steps=4, eval_every=0, precision=precision), data_dir,
+                   tmp_path / precision, progress=False, verbose=False)
+    assert result.precision == precision and all(math.isfinite(v) for v in result.losses)
+    assert result.losses[-1] < result.losses[0]
+    state = load_checkpoint(list_checkpoints(tmp_path / precision)[-1][1])
+    assert (state["scaler"] is not None) == (precision == "fp16")
+    assert state["model"]["embed.weight"].dtype == torch.float32  # autocast: fp32 master weights
+
+
+def test_resume_auto_of_a_finished_run(data_dir, tmp_path):
+    """The main job's pattern: resume="auto" reruns return the finished run's history without training."""
+    cfg, tc = tiny_model(), tiny_train(max_steps=2, eval_every=0)
+    first = train(cfg, tc, data_dir, tmp_path / "f", resume="auto", progress=False, verbose=False)
+    again = train(cfg, tc, data_dir, tmp_path / "f", resume="auto", progress=False, verbose=False)
+    assert again.finished and again.step == 2 and again.losses == first.losses and again.evals == first.evals
+    assert again.tokens_per_s == first.tokens_per_s > 0
+    assert [s for s, _ in list_checkpoints(tmp_path / "f")] == [2]
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cli_config_file(data_dir, tmp_path):
+    from memoryformer.cli import main
+
+    spec = {"model": tiny_model("pythia-test").to_dict(), "train": tiny_train(max_steps=1, eval_every=0).to_dict()}
+    (tmp_path / "run.json").write_text(json.dumps(spec))
+    out = tmp_path / "c"
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--data", str(data_dir), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert ModelConfig.from_json(out / "config.json").architecture == "pythia"
+    assert TrainConfig.from_json(out / "train_config.json").batch_size == 2

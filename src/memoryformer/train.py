@@ -473,7 +473,8 @@ class TrainResult:
     def _history(self) -> dict[str, Any]:
         """The part carried across resumes (stored in checkpoints)."""
         return {"losses": self.losses, "lrs": self.lrs, "grad_norms": self.grad_norms, "evals": self.evals,
-                "tokens": self.tokens, "train_seconds": self.train_seconds, "elapsed_seconds": self.elapsed_seconds}
+                "tokens": self.tokens, "train_seconds": self.train_seconds, "elapsed_seconds": self.elapsed_seconds,
+                "tokens_per_s": self.tokens_per_s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,9 +563,17 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
     seq_len = tc.seq_len or model_config.max_seq_len
     _check_inputs(model_config, seq_len, data)
     tc = tc.replace(seq_len=seq_len, lr=tc.lr if tc.lr is not None else paper_lr(model_config))
-    resume_from = _resume_target(out, resume)  # before any process group: bad input fails fast
-
     env = D.init_distributed(tc.device)
+    decision: dict[str, Any] = {}
+    if env.is_main:  # rank 0 decides (out_dir need only be visible to rank 0) and tells the others
+        try:
+            decision = {"path": _resume_target(out, resume)}
+        except (FileNotFoundError, ValueError) as err:
+            decision = {"error": err}
+    decision = D.broadcast_object(decision, env)
+    if "error" in decision:
+        raise decision["error"]
+    resume_from = decision["path"]
     result = _train(model_config, tc, data, out, resume_from, env, stop_at_step=stop_at_step, progress=progress,
                     verbose=verbose, make_model=lambda: LanguageModel(model_config), on_eval=on_eval)
     D.barrier(env)  # rank 0's files are complete when any rank returns
@@ -629,6 +638,7 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
         result.tokens = int(history.get("tokens", 0))
         result.train_seconds = float(history.get("train_seconds", 0.0))
         result.elapsed_seconds = float(history.get("elapsed_seconds", 0.0))
+        result.tokens_per_s = float(history.get("tokens_per_s", 0.0))
         saved_tc = small.get("train_config", {})
         changed = [f"{k} {saved_tc.get(k)!r} -> {v!r}" for k, v in tc.to_dict().items()
                    if k in _RECIPE_FIELDS and k in saved_tc and saved_tc[k] != v]
@@ -661,6 +671,8 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
         path = ckpt.checkpoint_path(out, at_step)
         if env.is_main:
             result.elapsed_seconds = elapsed_before + time.perf_counter() - wall_start
+            if steady_seconds > 0:
+                result.tokens_per_s = steady_tokens / steady_seconds
             ckpt.save_checkpoint(path, {
                 "step": at_step, "model": model_state, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -810,7 +822,7 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
     # ---- the end -----------------------------------------------------------------------------------
     if steady_seconds > 0:
         result.tokens_per_s = steady_tokens / steady_seconds
-    elif result.train_seconds > 0:
+    elif result.tokens_per_s == 0 and result.train_seconds > 0:  # one step only, or nothing left to train
         result.tokens_per_s = result.tokens / result.train_seconds
     result.model_flops_per_s = result.tokens_per_s * fpt
     result.step = step
