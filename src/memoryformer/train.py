@@ -594,8 +594,6 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
     wall_start = time.perf_counter()
     device = env.device
     precision = tc.resolved_precision(device)
-    if precision in ("bf16", "fp16") and device.type == "cpu" and tc.precision == "auto":
-        precision = "fp32"
     sharded = tc.fsdp and env.distributed
     if tc.fsdp and not env.distributed:
         say("--fsdp has no effect in a single process (launch with torchrun for sharding)")
