@@ -1,0 +1,55 @@
+"""`memoryformer reproduce EXPERIMENT`: the paper's comparisons and ablations at small scale
+(see memoryformer.reproduce)."""
+
+from __future__ import annotations
+
+import argparse
+
+from memoryformer.reproduce import ORDER, Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Settings()
+    parser.add_argument("experiment", choices=(*ORDER, "all"), metavar="EXPERIMENT",
+                        help=f"one of {', '.join(ORDER)}, or all")
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="corpora to train on (files, directories, globs, .jsonl; e.g. ../shared/data/corpora/"
+                             "gutenberg); default: the embedded default corpus")
+    parser.add_argument("--out", help=f"prepared data and one run directory per arm (default {d.out}); "
+                                      "finished arms are reused, unfinished ones resume")
+    parser.add_argument("--results", help=f"where <experiment>.json/.md/.png go (default {d.results})")
+    parser.add_argument("--steps", type=int, help=f"training steps per arm (default {d.steps})")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help=f"seeds; the twin experiment repeats its headline arms with the second and later "
+                             f"(default {' '.join(map(str, d.seeds))})")
+    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    parser.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    parser.add_argument("--vocab-size", type=int, help=f"BPE vocabulary trained on the corpus (default {d.vocab_size})")
+    parser.add_argument("--max-bytes", type=int, help=f"bytes of text to read (default {d.max_bytes:,})")
+    parser.add_argument("--threads", type=int, help=f"torch CPU threads (default {d.threads}: fastest on a busy CPU)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny models, a few steps")
+    parser.add_argument("--list", action="store_true", help="print the experiment's arms and exit")
+    parser.add_argument("--progress", action="store_true", help="progress bars while training")
+
+
+def run(args: argparse.Namespace) -> int:
+    from memoryformer.reproduce import EXPERIMENTS, flags_of, run
+
+    changes = {k: getattr(args, k) for k in ("data", "out", "results", "steps", "seeds", "batch_size", "seq_len",
+                                            "vocab_size", "max_bytes", "threads") if getattr(args, k) is not None}
+    flags = flags_of(changes, args.quick)
+    if "seeds" in changes:
+        changes["seeds"] = tuple(changes["seeds"])
+    settings = (Settings.quick_settings if args.quick else Settings)(**changes, progress=args.progress,
+                                                                      command=flags)
+    if args.list:
+        for name in ORDER if args.experiment == "all" else (args.experiment,):
+            exp = EXPERIMENTS[name]
+            print(f"{name} ({exp.paper}): {exp.title}")
+            for arm in exp.arms(settings):
+                print(f"  {arm.name}")
+            if exp.followup is not None and len(settings.seeds) > 1:
+                print(f"  + the headline arms again with seeds {', '.join(map(str, settings.seeds[1:]))}")
+        return 0
+    run(args.experiment, settings)
+    return 0
