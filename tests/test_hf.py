@@ -257,7 +257,8 @@ def test_remote_code_loads_without_memoryformer(tmp_path, tokenizer):
         py = AutoModelForCausalLM.from_pretrained({str(tmp_path / "py")!r})
         tok = AutoTokenizer.from_pretrained({str(tmp_path / "mf")!r}, trust_remote_code=True)
         assert type(mf).__name__ == "MemoryFormerForCausalLM" and "transformers_modules" in type(mf).__module__
-        torch.testing.assert_close(mf(exp["x"]).logits, exp["mf"], rtol=0, atol=0)
+        # the copy runs the pure-PyTorch layer; the package may use its C++ kernels: rounding differs
+        torch.testing.assert_close(mf(exp["x"]).logits, exp["mf"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(py(exp["x"]).logits, exp["py"], rtol=1e-5, atol=1e-5)
         gen = mf.generate(exp["x"], max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(gen, exp["mf_gen"]), (gen, exp["mf_gen"])

@@ -280,10 +280,31 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class _NoKernels:
+    """Stands in for memoryformer.kernels: this copy has no C++ kernels, so every optional fast path
+    (`try_*`) declines with None and the pure-PyTorch reference runs."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("try_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(f"memoryformer.kernels.{name} is not part of the exported model code")
 '''
 
-_OWN_IMPORT = re.compile(r"^(?P<indent>[ \t]*)(from memoryformer[\w.]* import (\([^)]*\)|.*)|import memoryformer\S*.*)$",
-                         re.MULTILINE)
+_OWN_IMPORT = re.compile(r"^(?P<indent>[ \t]*)(?P<stmt>from memoryformer[\w.]* import (\([^)]*\)|.*)"
+                         r"|import memoryformer\S*.*)$", re.MULTILINE)
+_KERNELS_IMPORT = re.compile(r"^(from memoryformer import kernels|import memoryformer\.kernels) as (?P<name>\w+)")
+
+
+def _replace_own_import(match: re.Match) -> str:
+    """`from memoryformer import kernels as K` -> `K = _NoKernels()`; other memoryformer imports go
+    (their names are defined in the same file)."""
+    indent, stmt = match.group("indent"), match.group("stmt")
+    kernels = _KERNELS_IMPORT.match(stmt)
+    if kernels:
+        return f"{indent}{kernels.group('name')} = _NoKernels()  # was: {stmt}"
+    return f"{indent}pass  # was: {' '.join(stmt.split())}"
 
 
 def remote_code_source() -> str:
@@ -293,7 +314,7 @@ def remote_code_source() -> str:
     parts = [_REMOTE_HEADER]
     for module in (config, layer, model):
         text = inspect.getsource(module).replace("from __future__ import annotations\n", "")
-        text = _OWN_IMPORT.sub(lambda m: f"{m.group('indent')}pass  # (memoryformer import removed)", text)
+        text = _OWN_IMPORT.sub(_replace_own_import, text)
         parts.append(f"\n# {'=' * 90}\n# memoryformer/{Path(module.__file__).name}\n# {'=' * 90}\n{text}")
     own = inspect.getsource(sys.modules[__name__])
     region = own.split("# <remote-code>\n", 1)[1].split("# </remote-code>\n", 1)[0]
@@ -321,6 +342,7 @@ def register() -> None:
         except ValueError:
             pass
     try:
+        import lm_eval.models  # noqa: F401  (lm-eval's own models first: it only adds them to an empty registry)
         from lm_eval.api.registry import model_registry
     except ImportError:
         return
