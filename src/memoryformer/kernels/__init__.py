@@ -48,6 +48,16 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _grad(*tensors: Tensor | None) -> bool:
+    """True if autograd must record: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _op(name: str, grad: bool):
+    """The op with an autograd formula, or its `_infer` twin (no Python autograd wrapper)."""
+    return getattr(torch.ops.memoryformer, name if grad else name + "_infer")
+
+
 def _biases(x: Tensor, biases) -> list[Tensor]:
     """The op's bias list: an empty tensor stands for "no bias"."""
     return [x.new_empty(0, dtype=torch.float32) if b is None else b for b in biases]
@@ -87,8 +97,8 @@ def memory_layers(
         hashed = ref_hash(x, tau, weighting, temperature)
         return [ref_layer(x, t, b, tau=tau, weighting=weighting, temperature=temperature, hashed=hashed)
                 for t, b in zip(tables, biases)]
-    outs = torch.ops.memoryformer.memory_layer(_flat(x), list(tables), _biases(x, biases), tau, weighting,
-                                               float(temperature))
+    op = _op("memory_layer", _grad(x, *tables, *biases))
+    outs = op(_flat(x), list(tables), _biases(x, biases), tau, weighting, float(temperature))
     return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
 
 
@@ -103,15 +113,15 @@ def memory_layer(
 ) -> Tensor:
     """The fused hash + gather op for one table: (..., K*tau) -> (..., out). Requires the kernels."""
     _require()
-    out = torch.ops.memoryformer.memory_layer(_flat(x), [table], _biases(x, [bias]), tau, weighting,
-                                              float(temperature))[0]
+    op = _op("memory_layer", _grad(x, table, bias))
+    out = op(_flat(x), [table], _biases(x, [bias]), tau, weighting, float(temperature))[0]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def memory_hash(x: Tensor, tau: int, weighting: str = "prob", temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """The hash as one op: rows (..., K) int64 and weights (..., K) in x's dtype (differentiable)."""
     _require()
-    w, rows = torch.ops.memoryformer.hash(_flat(x), tau, weighting, float(temperature))
+    w, rows = _op("hash", _grad(x))(_flat(x), tau, weighting, float(temperature))
     lead = x.shape[:-1]
     return rows.reshape(*lead, rows.shape[-1]), w.reshape(*lead, w.shape[-1])
 
@@ -120,7 +130,7 @@ def gather_sum(rows: Tensor, weights: Tensor, table: Tensor, bias: Tensor | None
     """`out[n] = sum_k weights[n, k] * table[rows[n, k]] + bias` as one op; rows (..., K)."""
     _require()
     k = rows.shape[-1]
-    out = torch.ops.memoryformer.gather_sum(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
+    out = _op("gather_sum", _grad(weights, table, bias))(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
     return out.reshape(*rows.shape[:-1], out.shape[-1])
 
 
@@ -186,7 +196,7 @@ def try_memory_hash(x: Tensor, tau: int, weighting: str, temperature: float) -> 
     """
     if not _active(x):
         return None
-    w, rows = torch.ops.memoryformer.hash(_flat(x), tau, weighting, float(temperature))
+    w, rows = _op("hash", _grad(x))(_flat(x), tau, weighting, float(temperature))
     lead = x.shape[:-1]
     return rows.reshape(*lead, rows.shape[-1]), w.reshape(*lead, w.shape[-1])
 
@@ -205,26 +215,23 @@ def try_memory_layer(
     Inputs are already validated by memoryformer.layer.memory_layer.
     """
     mode = get_backend()
-    if mode == "torch" or not supported(x, table):
+    if mode == "torch" or x.dtype not in _DTYPES or table.dtype not in _DTYPES or x.device.type != "cpu":
         return None
-    if bias is not None and (bias.device.type != "cpu" or bias.dtype not in _DTYPES):
+    if table.device.type != "cpu" or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in _DTYPES)):
         return None
-    if torch.jit.is_scripting() or x.dim() == 0:
+    if torch.jit.is_scripting():
         return None
-    n = x.numel() // max(x.shape[-1], 1)
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or table.requires_grad or (bias is not None and bias.requires_grad)
-        or (hashed is not None and hashed[1].requires_grad)
-    )
-    if mode == "auto" and not _use_kernels(n, table.shape[1], grad):
+    grad = _grad(hashed[1] if hashed is not None else x, table, bias)
+    d = x.shape[-1]
+    flat = x if x.dim() == 2 else x.reshape(-1, d)
+    if mode == "auto" and not _use_kernels(flat.shape[0], table.shape[1], grad):
         return None
     if not load():
         return None
     if hashed is None:
-        out = torch.ops.memoryformer.memory_layer(_flat(x), [table], _biases(x, [bias]), tau, weighting,
-                                              float(temperature))[0]
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-    rows, weights = hashed
-    k = rows.shape[-1]
-    out = torch.ops.memoryformer.gather_sum(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+        out = _op("memory_layer", grad)(flat, [table], _biases(x, [bias]), tau, weighting, float(temperature))[0]
+    else:
+        rows, weights = hashed
+        k = rows.shape[-1]
+        out = _op("gather_sum", grad)(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])

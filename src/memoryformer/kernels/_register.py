@@ -114,7 +114,7 @@ def _register_flops() -> None:
 
     ops = torch.ops.memoryformer
 
-    @register_flop_formula(ops.memory_layer)
+    @register_flop_formula([ops.memory_layer, ops.memory_layer_infer])
     def _(x_shape, tables_shapes, *args, out_shape=None, **kwargs) -> int:
         n, k = x_shape[0], x_shape[1] // args[1]
         return sum(2 * n * k * s[1] for s in tables_shapes)
@@ -130,7 +130,7 @@ def _register_flops() -> None:
     def _(x_shape, qtable_shape, scales_shape, bias_shape, tau, *args, out_shape=None, **kwargs) -> int:
         return 2 * x_shape[0] * (x_shape[1] // tau) * qtable_shape[1]
 
-    @register_flop_formula(ops.gather_sum)
+    @register_flop_formula([ops.gather_sum, ops.gather_sum_infer])
     def _(rows_shape, weights_shape, table_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * rows_shape[0] * rows_shape[1] * table_shape[1]
 
@@ -155,6 +155,9 @@ def register_python_side() -> None:
         "gather_sum_backward": _fake_gather_sum_backward,
         "hash": _fake_hash,
         "hash_backward": _fake_hash_backward,
+        "memory_layer_infer": _fake_memory_layer,
+        "gather_sum_infer": _fake_gather_sum,
+        "hash_infer": _fake_hash,
     }
     for name, fn in fakes.items():
         torch.library.register_fake(lib + name, fn)
