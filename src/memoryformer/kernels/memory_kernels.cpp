@@ -73,6 +73,16 @@ static inline void vstore(bf16* p, vf v) {
   r = (r & ~(vu)nan) | ((vu)nan & 0x7FC0u);
   *reinterpret_cast<vhu*>(p) = __builtin_convertvector(r, vh);
 }
+// Non-temporal store when p is vector-aligned (write-once outputs: skips the read-for-ownership).
+static inline void vstore_nt(float* p, vf v) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+#elif defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+#endif
+  vstore(p, v);
+}
+static inline void vstore_nt(bf16* p, vf v) { vstore(p, v); }
 static inline void sstore(float* p, float v) { *p = v; }
 static inline void sstore(bf16* p, float v) { *p = bf16(v); }
 
@@ -140,6 +150,7 @@ struct Options {
   int64_t bucket_min_n = 1024;  // auto: bucket-major forward for N >= this
   int64_t tile_bytes = 262144;  // bucket-major: target bytes of the (N, cb) tile
   int64_t row_prefetch = 16;    // bucket-major: table rows ahead for software prefetch
+  int64_t nt_store = 1;         // bucket-major backward: non-temporal stores of the table gradient
   int64_t pf_loc = 2;           // bucket-major: prefetch locality 0..3 (2: into L2; rows are
                                 // 4 KiB apart, so L1 prefetches conflict in one set)
 };
@@ -169,6 +180,7 @@ static int64_t set_option(c10::string_view name, int64_t value) {
   else if (s == "tile_bytes") p = &g_opt.tile_bytes;
   else if (s == "row_prefetch") p = &g_opt.row_prefetch;
   else if (s == "pf_loc") p = &g_opt.pf_loc;
+  else if (s == "nt_store") p = &g_opt.nt_store;
   TORCH_CHECK(p != nullptr, "memoryformer::_set_option: unknown option '", s, "'");
   const int64_t old = *p;
   if (value >= 0) *p = value;
@@ -372,7 +384,7 @@ static void fwd_segment(const int32_t* rows, const float* w, int64_t N, int64_t 
 struct CSR {
   std::vector<int32_t> start;  // R + 1
   std::vector<int32_t> tok;    // entry -> token n
-  std::vector<int32_t> slot;   // entry -> n * K + k
+  std::vector<int32_t> slot;   // entry -> k * N + n (transposed: a table's slots are contiguous)
   std::vector<float> w;        // entry -> weight
 };
 
@@ -412,11 +424,20 @@ static void build_csr(const int32_t* rows, const float* w, int64_t N, int64_t K,
           const int64_t i = n * K + k;
           const int32_t pos = c[rows[i]]++;
           csr.tok[pos] = static_cast<int32_t>(n);
-          csr.slot[pos] = static_cast<int32_t>(i);
+          csr.slot[pos] = static_cast<int32_t>(k * N + n);
           csr.w[pos] = w[i];
         }
     }
   });
+}
+
+// (K, N) -> (N, K)
+static void transpose_kn(const float* src, int64_t K, int64_t N, float* dst) {
+  constexpr int64_t B = 32;
+  for (int64_t n0 = 0; n0 < N; n0 += B)
+    for (int64_t k0 = 0; k0 < K; k0 += B)
+      for (int64_t n = n0; n < std::min(N, n0 + B); ++n)
+        for (int64_t k = k0; k < std::min(K, k0 + B); ++k) dst[n * K + k] = src[k * N + n];
 }
 
 static int64_t bucket_cb(int64_t N) {
@@ -480,13 +501,15 @@ static void fwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, cons
 }
 
 // Bucket-major backward for one column block [c, c + VW*NV): grad-table rows written once (acc in
-// registers); per-entry partial dots <g[n], T[r]> accumulated into gw[slot]. `gt` is the (N, ld)
+// registers); per-entry partial dots <g[n], T[r]> accumulated into gwT[k * N + n] (a table's
+// entries then update one contiguous, cache-resident stretch). `gt` is the (N, ld)
 // contiguous tile of grad_out's column block (a strided view would map every token's slice to
 // the same cache sets, since rows are d*4 bytes apart).
 template <int NV, typename TT>
 static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const float* gt, int64_t ld,
                                     int64_t r0, int64_t r1, int64_t c, TT* gT, float* gw) {
   const int64_t d = T.d, pd = g_opt.row_prefetch, loc = g_opt.pf_loc;
+  const bool nts = g_opt.nt_store != 0;
   const int32_t* start = csr.start.data();
   const int32_t* tok = csr.tok.data();
   const int32_t* slot = csr.slot.data();
@@ -519,8 +542,12 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
         for (int v = 0; v < NV; ++v) acc[v] += ww * vload(gn + VW * v);
       }
     }
-    if (gT)
-      for (int v = 0; v < NV; ++v) vstore(gT + r * d + c + VW * v, acc[v]);
+    if (gT) {
+      if (nts)
+        for (int v = 0; v < NV; ++v) vstore_nt(gT + r * d + c + VW * v, acc[v]);
+      else
+        for (int v = 0; v < NV; ++v) vstore(gT + r * d + c + VW * v, acc[v]);
+    }
   }
 }
 
@@ -579,6 +606,9 @@ static void bwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, cons
       }
       if (cv < d) bucket_bwd_scalar(csr, T, g, r0, r1, cv, gT, gw);
     }
+#if defined(__AVX__) || defined(__AVX512F__)
+    _mm_sfence();  // order the non-temporal stores before the result is used
+#endif
   });
 }
 
@@ -773,11 +803,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
   });
   CSR csr;
   build_csr(rows.data(), w.data(), N, K, R, csr);
-  std::vector<float> gw(need_x ? static_cast<size_t>(N * K) : 0, 0.f);
+  std::vector<float> gwT(need_x ? static_cast<size_t>(N * K) : 0, 0.f);  // (K, N)
   for (size_t i = 0; i < tables.size(); ++i) {
     const at::Tensor t = tables[i].contiguous();
     const at::Tensor g = grads[i].to(at::kFloat).contiguous();
-    float* gwp = need_x ? gw.data() : nullptr;
+    float* gwp = need_x ? gwT.data() : nullptr;
     if (t.scalar_type() == at::kFloat) {
       Table<float> T{t.data_ptr<float>(), nullptr, R, t.size(1)};
       bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<float>() : nullptr, gwp);
@@ -787,6 +817,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
     }
   }
   if (need_x) {
+    std::vector<float> gw(static_cast<size_t>(N * K));
+    transpose_kn(gwT.data(), K, N, gw.data());
     dispatch_x(x.scalar_type(), [&](auto xt) {
       using XT = decltype(xt);
       const XT* xp = x.data_ptr<XT>();
@@ -877,6 +909,7 @@ std::tuple<at::Tensor, at::Tensor> gather_sum_backward(const at::Tensor& grad, c
   at::Tensor gT = need_table ? at::empty_like(t) : at::empty({0}, t.options());
   at::Tensor gw = need_weights ? at::zeros({N, K}, weights.options().dtype(at::kFloat))
                                : at::empty({0}, weights.options());
+  std::vector<float> gwT(need_weights ? static_cast<size_t>(N * K) : 0, 0.f);  // (K, N)
   if (N == 0 || K == 0) {
     if (need_table) gT.zero_();
     return {need_weights ? gw.to(weights.scalar_type()) : gw, gT};
@@ -886,7 +919,7 @@ std::tuple<at::Tensor, at::Tensor> gather_sum_backward(const at::Tensor& grad, c
   CSR csr;
   build_csr(r.data(), wt.data_ptr<float>(), N, K, R, csr);
   const at::Tensor g = grad.to(at::kFloat).contiguous();
-  float* gwp = need_weights ? gw.data_ptr<float>() : nullptr;
+  float* gwp = need_weights ? gwT.data() : nullptr;
   if (t.scalar_type() == at::kFloat) {
     Table<float> T{t.data_ptr<float>(), nullptr, R, d};
     bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_table ? gT.data_ptr<float>() : nullptr, gwp);
@@ -894,6 +927,7 @@ std::tuple<at::Tensor, at::Tensor> gather_sum_backward(const at::Tensor& grad, c
     Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, d};
     bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_table ? gT.data_ptr<bf16>() : nullptr, gwp);
   }
+  if (need_weights) transpose_kn(gwT.data(), K, N, gw.data_ptr<float>());
   return {need_weights ? gw.to(weights.scalar_type()) : gw, gT};
 }
 
