@@ -457,7 +457,8 @@ static inline void bucket_fwd_block(const CSR& csr, const Table<TT>& T, int64_t 
   const float* wts = csr.w.data();
   for (int64_t r = 0; r < T.R; ++r) {
     const int32_t p0 = start[r], p1 = start[r + 1];
-    if (pd && r + pd < T.R) prefetch_span(T.data + (r + pd) * d + c, NV * VW * sizeof(TT), loc);
+    if (pd && r + pd < T.R && start[r + pd] < start[r + pd + 1])  // only rows that are used
+      prefetch_span(T.data + (r + pd) * d + c, NV * VW * sizeof(TT), loc);
     if (p0 == p1) continue;
     vf row[NV];
     const float sc = T.scales ? T.scales[r] : 1.f;
@@ -519,7 +520,8 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
     vf acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = vf{} + 0.f;
     if (gw) {
-      if (pd && r + pd < r1) prefetch_span(T.data + (r + pd) * d + c, NV * VW * sizeof(TT), loc);
+      if (pd && r + pd < r1 && start[r + pd] < start[r + pd + 1])
+        prefetch_span(T.data + (r + pd) * d + c, NV * VW * sizeof(TT), loc);
       if (p0 < p1) {
         vf row[NV];
         for (int v = 0; v < NV; ++v) row[v] = vload(T.data + r * d + c + VW * v);
