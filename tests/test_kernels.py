@@ -307,6 +307,14 @@ def test_backend_switch_and_env(built, monkeypatch):
         assert kernels.try_memory_layer(x, table, None, 8, "prob", 1.0) is not None
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.set_backend("fast")
+    # "auto" threshold table: small-N training with wide outputs stays on the pure path
+    wide = torch.randn(2 << 8, 600, requires_grad=True)
+    assert kernels.try_memory_layer(x, wide, None, 8, "prob", 1.0) is None
+    with torch.no_grad():
+        assert kernels.try_memory_layer(x, wide, None, 8, "prob", 1.0) is not None
+    assert kernels.try_memory_layer(torch.randn(256, 16), wide, None, 8, "prob", 1.0) is not None
+    with kernels.backend("kernels"):
+        assert kernels.try_memory_layer(x, wide, None, 8, "prob", 1.0) is not None
     from memoryformer.kernels import _backend
 
     for value, expected in (("0", "torch"), ("off", "torch"), ("1", "auto"), ("", "auto"), ("force", "kernels")):
