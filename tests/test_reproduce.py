@@ -91,6 +91,12 @@ def test_reference_arm_is_shared_between_experiments():
     assert len(set(dirs.values())) == 1
 
 
+def test_lr_tags():
+    from memoryformer.reproduce import _lr_tag
+
+    assert [_lr_tag(x) for x in (1e-3, 3e-3, 6e-3, 1.2e-2, 0.5)] == ["1e-3", "3e-3", "6e-3", "1.2e-2", "5e-1"]
+
+
 def test_width_for_tau():
     assert width_for_tau(128, 4, 8) == (128, 4)
     assert width_for_tau(128, 4, 10) == (130, 5)  # nearest multiple of 10; head size 26, rotary 6
@@ -104,7 +110,8 @@ def test_twin_followup_repeats_the_headline_arms():
     s = Settings(seeds=(0, 1, 2), depths=(2, 4))
     arms = EXPERIMENTS["twin"].arms(s)
     losses = {("memoryformer", 1e-3): 5.0, ("memoryformer", 3e-3): 4.8, ("memoryformer", 6e-3): 4.7,
-              ("pythia", 1e-3): 5.1, ("pythia", 3e-3): 4.9, ("pythia", 6e-3): 5.3}
+              ("memoryformer", 1.2e-2): 4.75, ("pythia", 1e-3): 5.1, ("pythia", 3e-3): 4.9, ("pythia", 6e-3): 5.3,
+              ("pythia", 1.2e-2): 5.6, ("memoryformer", 2.4e-2): 4.9, ("pythia", 2.4e-2): 6.0}
     rows = [{"seed": a.seed, "lr": a.lr, "labels": a.labels, "val_loss": losses[(a.model["architecture"], a.lr)]}
             for a in arms]
     assert best_lrs(rows, 0) == {("memoryformer", 2): 6e-3, ("pythia", 2): 3e-3, ("memoryformer", 4): 6e-3,

@@ -345,8 +345,9 @@ def plot_usage_during_training(runs: Mapping[str, Sequence[Mapping[str, float]]]
 def plot_loss_curves(runs: Mapping[str, Mapping[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
     """Training loss (smoothed) and validation points of several runs.
 
-    runs: {label: {"losses": [per-step loss], "evals": [{"step", "val_loss"}, ...]}}
-    (a TrainResult.to_dict() or a run's history.json works)."""
+    runs: {label: {"losses": [per-step loss], "evals": [{"step", "val_loss"}, ...], "final_val_loss"
+    (optional: the loss on the whole held-out split, drawn as a star at the last step)}} (a
+    TrainResult.to_dict() or a run's history.json works)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.6))
     cmap = plt.get_cmap("tab10")
@@ -360,8 +361,10 @@ def plot_loss_curves(runs: Mapping[str, Mapping[str, Any]], path: str | Path, *,
         evals = [e for e in run.get("evals", []) if e.get("val_loss") is not None]
         if evals:
             ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o--", ms=3, lw=0.8, color=colour)
+        if run.get("final_val_loss") is not None:
+            ax.plot([len(losses)], [run["final_val_loss"]], "*", ms=11, color=colour, mec="k", mew=0.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token); dashed: held-out")
+    ax.set_ylabel("cross-entropy (nats/token)\ndashed: held-out sample, star: whole held-out split", fontsize=9)
     ax.set_title(title or "Loss curves, same tokens for every run")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

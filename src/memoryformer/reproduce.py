@@ -9,7 +9,7 @@ its reference only in what the experiment varies.
 
 | experiment | paper | arms |
 |---|---|---|
-| twin | Table 1 | MemoryFormer and its Pythia twin at two depths; each at LRs {1, 3, 6} x 1e-3. "Paper-style" pairs MF at 3x the twin's LR with the twin at Pythia's own; "fair" takes each at its best LR |
+| twin | Table 1 | MemoryFormer and its Pythia twin at two depths; each at LRs {1, 3, 6, 12, 24} x 1e-3. "Paper-style" pairs MF at 3x the twin's LR with the twin at Pythia's own; "fair" takes each at its best LR |
 | tau | Table 3 | tau = 4, 8, 10 (d = 130 and 5 heads for tau = 10, as the paper took d = 510 for 512) |
 | expanding-bits | Table 5 | 0, 1, 2, 3 expanding bits in the Memory Block |
 | gelu | Table 6 | no activation / GeLU after the Memory Block's LayerNorm |
@@ -76,7 +76,7 @@ class Settings:
     n_heads: int = 4
     depths: tuple[int, ...] = (2, 4)  # the twin experiment's sizes; ablations use depths[0]
     twin_lr: float = 1e-3  # Pythia-70M's peak LR: the paper's baseline
-    lr_sweep: tuple[float, ...] = (1e-3, 3e-3, 6e-3)
+    lr_sweep: tuple[float, ...] = (1e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2)
     lr_multiples: tuple[int, ...] = (1, 2, 3, 4)
     taus: tuple[int, ...] = (4, 8, 10)
     expanding_bits: tuple[int, ...] = (0, 1, 2, 3)
@@ -163,7 +163,9 @@ def width_for_tau(d_model: int, n_heads: int, tau: int, rotary_pct: float = 0.25
 
 
 def _lr_tag(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-")
+    """0.003 -> "3e-3", 0.012 -> "1.2e-2"."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _arm(name: str, model: dict[str, Any], lr: float, seed: int, **labels: Any) -> Arm:
@@ -590,17 +592,18 @@ def _plot_twin(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: 
     paths = [plot_arms(rows, results / "twin.png", label="name", title="MemoryFormer vs twin: held-out loss")]
     best = best_lrs(rows, s.seeds[0])
     for depth in s.depths:
-        pick = {(("memoryformer", s.reference_lr), "MF, 3x twin LR (paper)"),
-                (("pythia", s.twin_lr), "twin, Pythia LR (paper)")}
+        pick: dict[tuple[str, float], list[str]] = {("memoryformer", s.reference_lr): ["3x twin LR (paper)"],
+                                                     ("pythia", s.twin_lr): ["Pythia LR (paper)"]}
         for arch in ("memoryformer", "pythia"):
             if (arch, depth) in best:
-                pick.add(((arch, best[(arch, depth)]), f"{ARCH_LABEL[arch]}, best LR"))
+                pick.setdefault((arch, best[(arch, depth)]), []).append("best LR")
         runs: dict[str, Any] = {}
-        for (arch, lr), what in sorted(pick, key=lambda p: (p[0][0], p[0][1])):
+        for (arch, lr), what in sorted(pick.items()):
             row = next((r for r in rows if r["architecture"] == arch and r["n_layers"] == depth and r["lr"] == lr
                         and r["seed"] == s.seeds[0]), None)
             if row is not None:
-                runs[f"{what}: lr {_lr_tag(lr)}"] = _history(row)
+                runs[f"{ARCH_LABEL[arch]} lr {_lr_tag(lr)}, {' = '.join(what)}"] = {
+                    **_history(row), "final_val_loss": row["val_loss"]}
         paths.append(plot_loss_curves(runs, results / f"twin_loss_L{depth}.png",
                                       title=f"MemoryFormer vs Pythia twin, {depth} layers, d {s.d_model}, same tokens"))
     paths.append(Path(plot_figure1(str(results / "figure1.png"))))
