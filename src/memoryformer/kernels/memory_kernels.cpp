@@ -146,6 +146,7 @@ struct Options {
   int64_t cb_bucket = 32;    // bucket-major forward / backward column block (16/32/64)
   int64_t small_n = 16;      // N <= small_n per thread: column-split small-N path
   int64_t seg_max = 1024;    // small-N: max columns per work item
+  int64_t split_min = 16384; // small-N: split a token's columns across threads only if N*K*d >= this
   int64_t prefetch = 4;      // rows ahead for software prefetch (0: off)
   int64_t bucket_min_n = 1024;  // auto: bucket-major forward for N >= this
   int64_t tile_bytes = 262144;  // bucket-major: target bytes of the (N, cb) tile
@@ -175,6 +176,7 @@ static int64_t set_option(c10::string_view name, int64_t value) {
   else if (s == "cb_bucket") p = &g_opt.cb_bucket;
   else if (s == "small_n") p = &g_opt.small_n;
   else if (s == "seg_max") p = &g_opt.seg_max;
+  else if (s == "split_min") p = &g_opt.split_min;
   else if (s == "prefetch") p = &g_opt.prefetch;
   else if (s == "bucket_min_n") p = &g_opt.bucket_min_n;
   else if (s == "tile_bytes") p = &g_opt.tile_bytes;
@@ -627,14 +629,18 @@ static void forward_rows(const int32_t* rows, const float* w, int64_t N, int64_t
   const int64_t d = T.d;
   if (algo == 3) {
     // split each token's columns across threads
-    const int64_t want = std::max<int64_t>(1, nt);
+    const int64_t want = (N * K * d >= g_opt.split_min) ? std::max<int64_t>(1, nt) : 1;
     int64_t seg = ((d + want - 1) / want + VW - 1) / VW * VW;
     seg = std::max<int64_t>(VW, std::min(seg, std::min<int64_t>(g_opt.seg_max, 1024)));
     const int64_t nseg = (d + seg - 1) / seg;
-    at::parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s)
-        fwd_segment(rows, w, N, K, T, bias, out, s * seg, std::min(d, (s + 1) * seg));
-    });
+    if (nseg == 1) {
+      fwd_segment(rows, w, N, K, T, bias, out, 0, d);  // no parallel region for one item
+    } else {
+      at::parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s)
+          fwd_segment(rows, w, N, K, T, bias, out, s * seg, std::min(d, (s + 1) * seg));
+      });
+    }
   } else if (algo == 2) {
     fwd_bucket_major(*csr, N, T, bias, out);
     const int64_t cv = (d / VW) * VW;
