@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memoryformer.kernels import _loader
 from memoryformer.kernels._backend import BACKENDS, backend, get_backend, set_backend
 from memoryformer.kernels._loader import last_error, load, loaded
 
@@ -228,23 +229,31 @@ def try_memory_layer(
     Inputs are already validated by memoryformer.layer.memory_layer.
     """
     mode = get_backend()
-    if mode == "torch" or x.dtype not in _DTYPES or table.dtype not in _DTYPES or x.device.type != "cpu":
+    if mode == "torch" or x.dtype not in _DTYPES or table.dtype not in _DTYPES or not (x.is_cpu and table.is_cpu):
         return None
-    if table.device.type != "cpu" or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in _DTYPES)):
+    if bias is not None and (not bias.is_cpu or bias.dtype not in _DTYPES):
         return None
     if torch.jit.is_scripting():
         return None
-    grad = _grad(hashed[1] if hashed is not None else x, table, bias)
-    d = x.shape[-1]
-    flat = x if x.dim() == 2 else x.reshape(-1, d)
+    if torch.is_grad_enabled():
+        grad = ((hashed[1] if hashed is not None else x).requires_grad or table.requires_grad
+                or (bias is not None and bias.requires_grad))
+    else:
+        grad = False
+    two_d = x.dim() == 2
+    flat = x if two_d else x.reshape(-1, x.shape[-1])
     if mode == "auto" and not _use_kernels(flat.shape[0], table.shape[1], tau, grad):
         return None
-    if not load():
+    if not _loader._state["ok"] and not load():
         return None
+    ops = torch.ops.memoryformer
     if hashed is None:
-        out = _op("memory_layer", grad)(flat, [table], _biases(x, [bias]), tau, weighting, float(temperature))[0]
+        op = ops.memory_layer if grad else ops.memory_layer_infer
+        biases = [bias] if bias is not None else [x.new_empty(0, dtype=torch.float32)]
+        out = op(flat, [table], biases, tau, weighting, float(temperature))[0]
     else:
         rows, weights = hashed
         k = rows.shape[-1]
-        out = _op("gather_sum", grad)(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
-    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
+        op = ops.gather_sum if grad else ops.gather_sum_infer
+        out = op(rows.reshape(-1, k), weights.reshape(-1, k), table, bias)
+    return out if two_d else out.reshape(*x.shape[:-1], out.shape[-1])
