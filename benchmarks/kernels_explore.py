@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from memoryformer import kernels
+from memoryformer import MemoryLayer, kernels
 from memoryformer.layer import memory_hash
 
 _CLOCK = {"fn": time.perf_counter}
@@ -98,9 +98,19 @@ def build_candidates(args) -> dict[str, Callable[[], object]]:
 
     def kern():
         with torch.no_grad():
-            return ops.memory_layer(x, [pick(tables)], [bias], tau, args.weighting, 1.0)[0]
+            return ops.memory_layer_infer(x, [pick(tables)], [bias], tau, args.weighting, 1.0)[0]
 
-    cands.update(linear=linear, pure=pure, kernel=kern)
+    mls = []
+    for t in tables:
+        ml = MemoryLayer(d, d, tau=tau, weighting=args.weighting, dtype=dt)
+        ml.table.data = t
+        mls.append(ml)
+
+    def layer():  # the full MemoryLayer.forward path (checks + dispatch hook + op)
+        with torch.no_grad():
+            return pick(mls)(x)
+
+    cands.update(linear=linear, pure=pure, kernel=kern, layer=layer)
     if args.bf16_linear:
         lin_bf = [torch.nn.Linear(d, d).to(torch.bfloat16) for _ in range(len(lins))]
         xb = x.to(torch.bfloat16)
