@@ -390,3 +390,11 @@ def test_bad_arguments_raise_clear_errors(built):
         built.memory_layer(torch.randn(2, 15), [table], [torch.empty(0)], 8, "prob", 1.0)
     with pytest.raises(ValueError, match="2 tables but 1 biases"):
         kernels.memory_layers(x, [table, table], [None], tau=8)
+
+
+def test_huge_page_option_keeps_results(built):
+    """Opt-in huge-page backing (madvise) of a >= 8 MiB table changes nothing numerically."""
+    x, table = torch.randn(5, 64), torch.randn(8 << 8, 1024)
+    before = kernels.memory_layer(x, table, tau=8)
+    with option("hugepages", 1):
+        assert torch.equal(kernels.memory_layer(x, table, tau=8), before)
