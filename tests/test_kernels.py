@@ -146,6 +146,22 @@ def test_shared_hash_equals_fused_exactly(built):
             assert torch.equal(layer(x, hashed), layer(x))
 
 
+@pytest.mark.parametrize("tau,k", [(1, 5), (16, 1)])
+def test_extreme_tau(built, tau, k):
+    torch.manual_seed(tau)
+    x = torch.randn(7, k * tau)
+    table, g = torch.randn(k << tau, 9), torch.randn(7, 9)
+    ref, x64, ts, _ = reference(x, [table], [None], tau, "prob", 1.0, [g])
+    for algo in ALGOS.values():
+        xk, tk = x.clone().requires_grad_(), table.clone().requires_grad_()
+        with option("fwd_algo", algo):
+            out = kernels.memory_layer(xk, tk, tau=tau)
+        out.backward(g)
+        close(out, ref[0])
+        close(xk.grad, x64.grad, rtol=1e-4, atol=1e-4)
+        close(tk.grad, ts[0].grad)
+
+
 def test_hash_matches_reference_including_signed_zero_and_nan(built):
     x = torch.randn(6, 40)
     x[0, :8] = 0.0

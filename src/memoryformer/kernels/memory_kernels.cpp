@@ -439,6 +439,8 @@ struct CSR {
 // Stable counting sort of the entries by row (ties keep token order): deterministic.
 static void build_csr(const int32_t* rows, const float* w, int64_t N, int64_t K, int64_t R, CSR& csr) {
   const int64_t E = N * K;
+  TORCH_CHECK(E < (int64_t(1) << 31), "memoryformer: N*K = ", E,
+              " entries exceed the int32 index range; split the batch into smaller calls");
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 63) / 64));
   std::vector<int32_t> counts(static_cast<size_t>(T * R), 0);
   const int64_t chunk = (N + T - 1) / T;
