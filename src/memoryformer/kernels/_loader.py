@@ -12,7 +12,9 @@ Environment:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -28,12 +30,28 @@ _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}
 
 
+def _cpu_tag() -> str:
+    """Short fingerprint of the CPU's instruction sets: a -march=native build is not portable, so
+    machines sharing a home directory must not share a build."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags += line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def cache_dir() -> Path:
     """Build directory: $MEMORYFORMER_KERNELS_CACHE or ~/.cache/memoryformer/kernels/<tag>."""
     env = os.environ.get("MEMORYFORMER_KERNELS_CACHE")
     if env:
         return Path(env)
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    tag = (f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+           f"-cpu{_cpu_tag()}")
     return Path.home() / ".cache" / "memoryformer" / "kernels" / tag
 
 
