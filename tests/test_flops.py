@@ -145,22 +145,32 @@ def _flop_counter_split(model, idx) -> tuple[int, int]:
 @pytest.mark.parametrize("preset", ["pythia-test", "mf-test"])
 def test_structural_matches_torch_flop_counter(preset: str) -> None:
     """torch's counter (2 FLOPs per multiply-add) sees the dense layers, head and attention
-    (QK^T and AV over the full s x s) exactly, and the Memory Layers not at all (embedding_bag
-    counts zero) -- the reason the structural count exists."""
-    cfg = ModelConfig.from_preset(preset)
-    torch.manual_seed(0)
+    (QK^T and AV over the full s x s) exactly. On the pure-PyTorch path it sees the Memory Layers
+    not at all (embedding_bag counts zero) -- the reason the structural count exists; the fused
+    kernels register FLOP formulas, so there it sees exactly the structural memory count."""
+    from memoryformer import kernels
     from memoryformer.model import LanguageModel
 
+    cfg = ModelConfig.from_preset(preset)
+    torch.manual_seed(0)
     model = LanguageModel(cfg).eval()
     batch, s = 2, 32
     idx = torch.randint(0, cfg.vocab_size, (batch, s))
-    linear, rest = _flop_counter_split(model, idx)
     count = flops.structural_count(cfg, s)
     dense = cfg.n_layers * count.block_total(["dense"]) + count.head_macs
+    attention = batch * 2 * cfg.n_layers * count.block_total(["attention"])
+    memory = batch * 2 * cfg.n_layers * count.block_total(["memory"])
+    with kernels.backend("torch"):
+        linear, rest = _flop_counter_split(model, idx)
     assert linear == batch * 2 * dense
-    assert rest == batch * 2 * cfg.n_layers * count.block_total(["attention"])
+    assert rest == attention
     if cfg.architecture == "memoryformer":
-        assert count.block_total(["memory"]) > 0 and dense == count.head_macs
+        assert memory > 0 and dense == count.head_macs
+        if kernels.load():
+            with kernels.backend("kernels"):
+                linear, rest = _flop_counter_split(model, idx)
+            assert linear == batch * 2 * dense
+            assert rest == attention + memory
 
 
 def test_training_flops_per_token_independent_formula() -> None:
