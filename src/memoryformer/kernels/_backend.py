@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 BACKENDS = ("auto", "kernels", "torch")
@@ -33,7 +34,15 @@ def _from_env() -> str:
     return _ENV_MAP[raw]
 
 
-_global = {"backend": _from_env()}
+def _initial() -> str:
+    try:
+        return _from_env()
+    except ValueError as exc:  # a typo in the environment must not break `import memoryformer`
+        warnings.warn(f"{exc}; using 'auto'", RuntimeWarning, stacklevel=2)
+        return "auto"
+
+
+_global = {"backend": _initial()}
 _local = threading.local()
 
 
