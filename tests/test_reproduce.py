@@ -91,6 +91,18 @@ def test_reference_arm_is_shared_between_experiments():
     assert len(set(dirs.values())) == 1
 
 
+def test_paper_deltas_are_log_ppl_ratios():
+    import math
+
+    from memoryformer.reproduce import paper_deltas
+
+    tau = paper_deltas("tau")
+    assert tau["8"] == 0.0 and tau["10"] == pytest.approx(math.log(18.67 / 18.82))
+    assert paper_deltas("lr")["1"] == pytest.approx(math.log(19.86 / 18.82))
+    assert paper_deltas("expanding-bits")["0"] == pytest.approx(math.log(19.89 / 18.82))
+    assert paper_deltas("gelu") is None and paper_deltas("twin") is None
+
+
 def test_lr_tags():
     from memoryformer.reproduce import _lr_tag
 
@@ -111,7 +123,8 @@ def test_twin_followup_repeats_the_headline_arms():
     arms = EXPERIMENTS["twin"].arms(s)
     losses = {("memoryformer", 1e-3): 5.0, ("memoryformer", 3e-3): 4.8, ("memoryformer", 6e-3): 4.7,
               ("memoryformer", 1.2e-2): 4.75, ("pythia", 1e-3): 5.1, ("pythia", 3e-3): 4.9, ("pythia", 6e-3): 5.3,
-              ("pythia", 1.2e-2): 5.6, ("memoryformer", 2.4e-2): 4.9, ("pythia", 2.4e-2): 6.0}
+              ("pythia", 1.2e-2): 5.6, ("memoryformer", 2.4e-2): 4.9, ("pythia", 2.4e-2): 6.0,
+              ("memoryformer", 4.8e-2): 5.9, ("pythia", 4.8e-2): 7.0}
     rows = [{"seed": a.seed, "lr": a.lr, "labels": a.labels, "val_loss": losses[(a.model["architecture"], a.lr)]}
             for a in arms]
     assert best_lrs(rows, 0) == {("memoryformer", 2): 6e-3, ("pythia", 2): 3e-3, ("memoryformer", 4): 6e-3,

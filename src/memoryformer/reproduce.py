@@ -9,7 +9,7 @@ its reference only in what the experiment varies.
 
 | experiment | paper | arms |
 |---|---|---|
-| twin | Table 1 | MemoryFormer and its Pythia twin at two depths; each at LRs {1, 3, 6, 12, 24} x 1e-3. "Paper-style" pairs MF at 3x the twin's LR with the twin at Pythia's own; "fair" takes each at its best LR |
+| twin | Table 1 | MemoryFormer and its Pythia twin at two depths; each at LRs {1, 3, 6, 12, 24, 48} x 1e-3. "Paper-style" pairs MF at 3x the twin's LR with the twin at Pythia's own; "fair" takes each at its best LR |
 | tau | Table 3 | tau = 4, 8, 10 (d = 130 and 5 heads for tau = 10, as the paper took d = 510 for 512) |
 | expanding-bits | Table 5 | 0, 1, 2, 3 expanding bits in the Memory Block |
 | gelu | Table 6 | no activation / GeLU after the Memory Block's LayerNorm |
@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -76,7 +77,7 @@ class Settings:
     n_heads: int = 4
     depths: tuple[int, ...] = (2, 4)  # the twin experiment's sizes; ablations use depths[0]
     twin_lr: float = 1e-3  # Pythia-70M's peak LR: the paper's baseline
-    lr_sweep: tuple[float, ...] = (1e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2)
+    lr_sweep: tuple[float, ...] = (1e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2)
     lr_multiples: tuple[int, ...] = (1, 2, 3, 4)
     taus: tuple[int, ...] = (4, 8, 10)
     expanding_bits: tuple[int, ...] = (0, 1, 2, 3)
@@ -319,7 +320,11 @@ def data_dir(s: Settings) -> Path:
     """The prepared data shared by every arm: <out>/data/<corpus>-v<vocab>-<hash of the settings>."""
     spec = {"data": sorted(str(Path(d).resolve()) for d in s.data) if s.data else None,
             "vocab_size": s.vocab_size, "max_bytes": s.max_bytes, "val_fraction": s.val_fraction}
-    name = ("default" if not s.data else Path(s.data[0]).name.replace(".", "_")[:24]) + f"-v{s.vocab_size}"
+    first = Path(s.data[0]) if s.data else None
+    if first is not None and any(c in first.name for c in "*?["):  # a glob: name it by its folder
+        first = first.parent
+    label = re.sub(r"[^A-Za-z0-9_-]+", "_", first.name)[:24] if first is not None else "default"
+    name = f"{label or 'data'}-v{s.vocab_size}"
     return Path(s.out) / "data" / f"{name}-{_hash(spec)}"
 
 
@@ -478,7 +483,15 @@ def run_experiment(name: str, s: Settings, *, arms: list[Arm] | None = None) -> 
         "plots": [],
     }
     report["summary"] = SUMMARIES.get(name, _reference_summary)(s, rows)
+    report["paper_delta_nats"] = paper_deltas(name)
     report["plots"] = [str(p) for p in PLOTS.get(name, _plot_bars)(s, name, rows, results, data)]
+    if name == "usage":
+        stats = json.loads((results / "usage_stats.json").read_text())
+        report["summary"]["figure4"] = {"arm": stats["arm"], "tokens_per_split": stats["windows"] * stats["seq_len"],
+                                        **stats["summary"]}
+        report["summary"]["during_training"] = {
+            r["name"]: [{k: v for k, v in e.items() if k == "step" or k.startswith("usage_")} for e in r["evals"]]
+            for r in rows}
     (results / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (results / f"{name}.md").write_text(format_report(report, exp) + "\n")
     print(f"wrote {results / (name + '.json')} and .md", flush=True)
@@ -498,6 +511,19 @@ def run(name: str, s: Settings) -> dict[str, dict[str, Any]]:
 
 def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values)
+
+
+PAPER_KEYS = {"tau": ("tau", 8), "expanding-bits": ("bits", 2), "lr": ("multiple", 3)}
+
+
+def paper_deltas(name: str) -> dict[str, float] | None:
+    """The paper's val PPL of each setting as a loss difference to its reference setting (tau 8,
+    2 expanding bits, 3x LR): ln(PPL / PPL_ref) nats, comparable with our "vs reference" column."""
+    paper = (PAPER_RESULTS.get(name) or {}).get("val_ppl")
+    if not paper or name not in PAPER_KEYS:
+        return None
+    ref = paper[PAPER_KEYS[name][1]]
+    return {str(k): math.log(v / ref) for k, v in paper.items()}
 
 
 def _is_reference(s: Settings, r: dict[str, Any]) -> bool:
@@ -668,8 +694,11 @@ def format_report(report: dict[str, Any], exp: Experiment) -> str:
     head = ["arm", *exp.columns, "LR", "seed", "held-out loss", "held-out PPL"]
     if ref:
         head.append("vs reference")
+    deltas = report.get("paper_delta_nats") or {}
     if paper:
         head.append("paper val PPL")
+    if deltas:
+        head.append("paper vs reference")
     head += ["fwd FLOPs/token", "tables (fp16 MB)", "params", "non-emb. params", "train tokens/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -677,13 +706,22 @@ def format_report(report: dict[str, Any], exp: Experiment) -> str:
                  f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}"]
         if ref:
             cells.append(f"{ref.get(r['name'], float('nan')):+.4f}")
+        key = next((r["labels"].get(c) for c in ("tau", "bits", "multiple") if c in r["labels"]), None)
         if paper:
-            key = next((r["labels"].get(c) for c in ("tau", "bits", "multiple") if c in r["labels"]), None)
             cells.append(f"{paper[key]:.2f}" if key in paper else "")
+        if deltas:
+            cells.append(f"{deltas[str(key)]:+.4f}" if str(key) in deltas else "")
         cells += [_fmt_m(r["forward_flops_per_token"]), f"{r['table_mb_fp16']:.1f}", _fmt_m(r["parameters"]),
                   _fmt_m(r["non_embedding_parameters"]), f"{r['train_tokens_per_s']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if ref:
+        lines.append("\"vs reference\": this arm's held-out loss minus the reference arm's, in nats (negative: better).")
+    if deltas:
+        lines.append("\"paper vs reference\": the paper's ln(val PPL / val PPL of the reference setting), the same "
+                     "difference in nats on the paper's scale (MemoryFormer-tiny, the Pile, 8000 steps).")
+    if ref or deltas:
+        lines.append("")
     lines += _summary_lines(report)
     usage_rows = [r for r in rows if r.get("usage_val")]
     if usage_rows:
@@ -732,7 +770,31 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
                                  f"{g['twin_val_loss']:.4f} | {g['gap']:+.4f} | {', '.join(map(str, g['seeds']))} |")
         return lines
     if name == "usage":
-        return []
+        f4 = summary["figure4"]
+        lines = [f"Figure 4 statistics of {f4['arm']} ({f4['tokens_per_split']:,} tokens of each split; every block "
+                 "and table): entropy as a share of log 2^tau (mean, and the lowest table), share of buckets never "
+                 "hit (mean, and the worst table), and what a uniform hash would score on as many tokens.", "",
+                 "| layer | buckets | train H/logB | train dead | held-out H/logB (min) | held-out dead (max) | "
+                 "uniform H/logB, dead |", "|---|---|---|---|---|---|---|"]
+        for kind, v in f4["val"].items():
+            t = f4["train"][kind]
+            lines.append(f"| {kind} | {v['buckets']} | {t['entropy_ratio']:.3f} | {t['dead_share']:.1%} | "
+                         f"{v['entropy_ratio']:.3f} ({v['min_entropy_ratio']:.3f}) | {v['dead_share']:.1%} "
+                         f"({v['max_dead_share']:.1%}) | {v['uniform_entropy_ratio']:.3f}, {v['uniform_dead_share']:.1%} |")
+        n = report["settings"]["usage_windows"] * report["settings"]["seq_len"]
+        from memoryformer.analysis import uniform_reference
+
+        lines += ["", f"During training (the first {n:,} held-out tokens, scored at each evaluation; Q stands for Q, K, V; "
+                  f"on so few tokens a uniform hash would leave {uniform_reference(1024, n)['expected_dead_share']:.1%} "
+                  f"of 1,024 buckets and {uniform_reference(256, n)['expected_dead_share']:.1%} of 256 empty):",
+                  "", "| arm | step | Q H/logB | Q dead | ML1 H/logB | ML1 dead | ML2 H/logB | ML2 dead |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for arm, evals in summary["during_training"].items():
+            for e in evals:
+                if "usage_H_qkv" in e:
+                    lines.append(f"| {arm} | {e['step']} | " + " | ".join(
+                        f"{e[f'usage_H_{k}']:.3f} | {e[f'usage_dead_{k}']:.1%}" for k in ("qkv", "ml1", "ml2")) + " |")
+        return lines
     if summary.get("reference"):
         return [f"Reference arm: {summary['reference']} (held-out loss {summary['reference_val_loss']:.4f}); best arm: "
                 f"{summary['best']}."]
@@ -743,9 +805,9 @@ def flags_of(changes: dict[str, Any], quick: bool) -> str:
     """The command-line flags that give `changes` (for the regenerate-with command in reports)."""
     flags = ["--quick"] if quick else []
     for key, value in changes.items():
-        flag = "--" + key.replace("_", "-")
+        flag = "--lrs" if key == "lr_sweep" else "--" + key.replace("_", "-")
         if isinstance(value, (list, tuple)):
-            flags += [flag, *map(str, value)]
+            flags += [flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
         else:
             flags += [flag, str(value)]
     return " ".join(shlex.quote(f) for f in flags)

@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help=f"seeds; the twin experiment repeats its headline arms with the second and later "
                              f"(default {' '.join(map(str, d.seeds))})")
+    parser.add_argument("--depths", type=int, nargs="+", metavar="N",
+                        help=f"layers of the twin experiment's sizes; ablations use the first "
+                             f"(default {' '.join(map(str, d.depths))})")
+    parser.add_argument("--lrs", type=float, nargs="+", metavar="LR", dest="lr_sweep",
+                        help=f"the twin experiment's LR sweep (default {' '.join(f'{x:g}' for x in d.lr_sweep)})")
     parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
     parser.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
     parser.add_argument("--vocab-size", type=int, help=f"BPE vocabulary trained on the corpus (default {d.vocab_size})")
@@ -35,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from memoryformer.reproduce import EXPERIMENTS, flags_of, run
 
-    changes = {k: getattr(args, k) for k in ("data", "out", "results", "steps", "seeds", "batch_size", "seq_len",
-                                            "vocab_size", "max_bytes", "threads") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in ("data", "out", "results", "steps", "seeds", "depths", "lr_sweep",
+                                            "batch_size", "seq_len", "vocab_size", "max_bytes", "threads")
+               if getattr(args, k) is not None}
     flags = flags_of(changes, args.quick)
-    if "seeds" in changes:
-        changes["seeds"] = tuple(changes["seeds"])
+    for key in ("seeds", "depths", "lr_sweep"):
+        if key in changes:
+            changes[key] = tuple(changes[key])
     settings = (Settings.quick_settings if args.quick else Settings)(**changes, progress=args.progress,
                                                                       command=flags)
     if args.list:
