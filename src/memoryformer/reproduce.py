@@ -267,6 +267,7 @@ class Experiment:
     arms: Callable[[Settings], list[Arm]]
     followup: Callable[[Settings, Sequence[dict[str, Any]]], list[Arm]] | None = None
     columns: tuple[str, ...] = ()  # labels shown in the Markdown table
+    extra: tuple[tuple[str, str], ...] = ()  # (row key, header) of more numbers shown
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
@@ -275,10 +276,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                "gets its best LR, and does the gap move with size?", twin_arms, twin_followup),
     Experiment("tau", "tau and K (bits per chunk and number of tables)", "Table 3",
                "Does a longer hash code (fewer, larger tables) lower the loss?", tau_arms,
-               columns=("tau", "d", "K", "heads")),
+               columns=("tau", "d", "K", "heads"),
+               extra=(("q_layer_table_mb_fp16", "Q-layer tables (fp16 MB)"),
+                      ("q_layer_flops_paper", "Q-layer FLOPs s(tau+h)K at s=seq"))),
     Experiment("expanding-bits", "Expanding bits in the Memory Block", "Table 5",
                "Do the extra bits of ML2's chunks (tables 2^e times larger) lower the loss?", bits_arms,
-               columns=("bits",)),
+               columns=("bits",), extra=(("memory_block_table_mb_fp16", "Memory Block tables per block (fp16 MB)"),)),
     Experiment("gelu", "A GeLU in the Memory Block", "Table 6",
                "Does a GeLU between ML1 and ML2 (after the LayerNorm) change anything?", gelu_arms,
                columns=("activation",)),
@@ -295,10 +298,14 @@ ORDER = ("twin", "tau", "expanding-bits", "gelu", "lr", "weighting", "usage")
 
 # The paper's numbers (spec §9), for the reports. Validation PPL on the Pile after 8000 steps of
 # MemoryFormer-tiny (Tables 3-5); zero-shot average accuracy (Tables 1, 6).
+_ABLATION_RUN = {"steps": 8000, "tokens": 8000 * 1024 * 2048, "model": "MemoryFormer-tiny", "data": "the Pile"}
 PAPER_RESULTS: dict[str, Any] = {
-    "tau": {"val_ppl": {4: 19.01, 8: 18.82, 10: 18.67}, "d": {4: 512, 8: 512, 10: 510}},
-    "expanding-bits": {"val_ppl": {0: 19.89, 1: 19.26, 2: 18.82, 3: 18.54}},
-    "lr": {"val_ppl": {1: 19.86, 2: 19.07, 3: 18.82, 4: 18.84}},
+    "tau": {"val_ppl": {4: 19.01, 8: 18.82, 10: 18.67}, "d": {4: 512, 8: 512, 10: 510},
+            "q_layer_memory_mb": {4: 2.1, 8: 16.8, 10: 53.5}, "q_layer_gflops_s2048": {4: 0.14, 8: 0.07, 10: 0.06},
+            **_ABLATION_RUN},
+    "expanding-bits": {"val_ppl": {0: 19.89, 1: 19.26, 2: 18.82, 3: 18.54},
+                       "memory_block_mb": {0: 33.6, 1: 52.4, 2: 88.1, 3: 157.3}, **_ABLATION_RUN},
+    "lr": {"val_ppl": {1: 19.86, 2: 19.07, 3: 18.82, 4: 18.84}, **_ABLATION_RUN},
     "gelu": {"zero_shot_avg": {"none": 0.404, "gelu": 0.402}},
     "twin": {"zero_shot_avg": {"Pythia-70M": 0.375, "MF-tiny": 0.404, "Pythia-160M": 0.389, "MF-small": 0.423,
                                "Pythia-410M": 0.435, "MF-base": 0.458},
@@ -699,6 +706,7 @@ def format_report(report: dict[str, Any], exp: Experiment) -> str:
         head.append("paper val PPL")
     if deltas:
         head.append("paper vs reference")
+    head += [h for _, h in exp.extra]
     head += ["fwd FLOPs/token", "tables (fp16 MB)", "params", "non-emb. params", "train tokens/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -711,6 +719,7 @@ def format_report(report: dict[str, Any], exp: Experiment) -> str:
             cells.append(f"{paper[key]:.2f}" if key in paper else "")
         if deltas:
             cells.append(f"{deltas[str(key)]:+.4f}" if str(key) in deltas else "")
+        cells += [f"{r[k]:.3f}" if isinstance(r[k], float) else f"{r[k]:,}" for k, _ in exp.extra]
         cells += [_fmt_m(r["forward_flops_per_token"]), f"{r['table_mb_fp16']:.1f}", _fmt_m(r["parameters"]),
                   _fmt_m(r["non_embedding_parameters"]), f"{r['train_tokens_per_s']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
