@@ -21,6 +21,7 @@ from memoryformer.analysis import (
     plot_arms,
     plot_bucket_histograms,
     plot_loss_curves,
+    plot_lr_sweep,
     plot_usage_during_training,
     table_stats,
     uniform_reference,
@@ -192,3 +193,8 @@ def test_plots_are_written(tmp_path):
     assert plot_loss_curves(runs, tmp_path / "l.png").stat().st_size > 10_000
     rows = [{"name": "a", "val_loss": 3.0}, {"name": "a", "val_loss": 3.2}, {"name": "b", "val_loss": 3.5}]
     assert plot_arms(rows, tmp_path / "b.png", title="t", label="name").stat().st_size > 5_000
+    sweep = [{"arch": a, "lr": lr, "val_loss": v} for a, lr, v in
+             (("MF", 1e-3, 4.0), ("MF", 3e-3, 3.5), ("MF", 3e-3, 3.6), ("twin", 1e-3, 4.1), ("twin", 3e-3, 4.2))]
+    assert plot_lr_sweep(sweep, tmp_path / "s.png", title="t", group=lambda r: r["arch"]).stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no rows"):
+        plot_lr_sweep([], tmp_path / "s2.png", title="t", group=str)

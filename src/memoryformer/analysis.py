@@ -406,3 +406,38 @@ def plot_arms(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_lr_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str,
+                  group: Callable[[Mapping[str, Any]], str]) -> Path:
+    """Held-out loss against peak LR (log axis), one line per group (e.g. architecture and depth)
+    through the mean over seeds, with every seed's value as a dot."""
+    plt = _pyplot()
+    by_group: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if r.get("val_loss") is not None and math.isfinite(r["val_loss"]):
+            by_group.setdefault(group(r), {}).setdefault(float(r["lr"]), []).append(float(r["val_loss"]))
+    if not by_group:
+        raise ValueError("no rows with a finite val_loss to plot")
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, points) in enumerate(by_group.items()):
+        lrs = sorted(points)
+        means = [statistics.fmean(points[lr]) for lr in lrs]
+        ax.plot(lrs, means, "-o", ms=4, color=cmap(i % 10), label=name)
+        best = min(range(len(lrs)), key=lambda j: means[j])
+        ax.plot([lrs[best]], [means[best]], "*", ms=13, color=cmap(i % 10), mec="k", mew=0.5)
+        for lr in lrs:
+            if len(points[lr]) > 1:
+                ax.plot([lr] * len(points[lr]), points[lr], ".", color=cmap(i % 10), ms=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

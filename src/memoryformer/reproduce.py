@@ -619,10 +619,12 @@ def _plot_bars(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: 
 
 
 def _plot_twin(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: Path, data: Path) -> list[Path]:
-    from memoryformer.analysis import plot_arms, plot_loss_curves
+    from memoryformer.analysis import plot_loss_curves, plot_lr_sweep
     from memoryformer.flops import plot_figure1
 
-    paths = [plot_arms(rows, results / "twin.png", label="name", title="MemoryFormer vs twin: held-out loss")]
+    paths = [plot_lr_sweep(rows, results / "twin.png", group=lambda r: f"{ARCH_LABEL[r['architecture']]}, "
+                           f"{r['n_layers']} layers", title="MemoryFormer vs Pythia twin: held-out loss against LR "
+                           "(star: best; dots: seeds)")]
     best = best_lrs(rows, s.seeds[0])
     for depth in s.depths:
         pick: dict[tuple[str, float], list[str]] = {("memoryformer", s.reference_lr): ["3x twin LR (paper)"],
