@@ -13,6 +13,7 @@ step is measured per model in a fresh subprocess. Writes benchmarks/results/mode
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,18 +81,46 @@ def train_fn(model: LanguageModel, batch: int, tokens: int):
 
 
 def peak_rss_gb(preset: str, dtype: str, case: str) -> float:
-    """Peak RSS of a fresh process that builds `preset` and runs `case` twice."""
+    """Peak RSS (VmHWM) of a fresh process that builds `preset` and runs `case` twice."""
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from model import build, decode_fn, train_fn, DTYPES
 m = build({preset!r}, DTYPES[{dtype!r}])
 fn = decode_fn(m, 8, 1024, True) if {case!r} == "decode" else train_fn(m, 4, 512)
 fn(); fn()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: a child's ru_maxrss keeps the forking parent's high-water mark
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9
+
+
+def measure_memory(mf_name: str, dense_name: str, dtype: str) -> dict[str, float]:
+    memory = {}
+    for arch, preset in (("memoryformer", mf_name), ("dense", dense_name)):
+        for case in ("decode", "train"):
+            memory[f"{arch} {case}"] = peak_rss_gb(preset, dtype, case)
+            print(f"peak RSS {arch} {case}: {memory[f'{arch} {case}']:.2f} GB", flush=True)
+    return memory
+
+
+def memory_note(memory: dict[str, float]) -> str:
+    return ("Peak RSS (GB; decode = batch 8 after 1024 tokens; train = AdamW step on 4 x 512): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+
+
+def update_memory(args, mf_name: str, dense_name: str) -> None:
+    """Re-measure peak memory and rewrite the memory note of an existing results file."""
+    from common import RESULTS
+
+    stem = f"model_{args.pair}_{args.dtype}"
+    payload = json.loads((RESULTS / f"{stem}.json").read_text())
+    payload["peak_rss_gb"] = measure_memory(mf_name, dense_name, args.dtype)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = (RESULTS / f"{stem}.md").read_text().splitlines()
+    md = [memory_note(payload["peak_rss_gb"]) if line.startswith("Peak RSS") else line for line in md]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
 
 
 def main() -> None:
@@ -101,9 +130,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only (re)measure peak memory and update an existing results file")
     args = parser.parse_args()
     mf_name, dense_name = PAIRS[args.pair]
     dtype = DTYPES[args.dtype]
+    if args.memory_only:
+        return update_memory(args, mf_name, dense_name)
     models = {"memoryformer": build(mf_name, dtype), "dense": build(dense_name, dtype)}
     cases = []
     for batch in (1, 8):
@@ -133,10 +166,7 @@ def main() -> None:
     memory = {}
     if not args.skip_memory:
         del models
-        for arch, preset in (("memoryformer", mf_name), ("dense", dense_name)):
-            for case in ("decode", "train"):
-                memory[f"{arch} {case}"] = peak_rss_gb(preset, args.dtype, case)
-                print(f"peak RSS {arch} {case}: {memory[f'{arch} {case}']:.2f} GB", flush=True)
+        memory = measure_memory(mf_name, dense_name, args.dtype)
     params = {}
     for arch, preset in (("memoryformer", mf_name), ("dense", dense_name)):
         with torch.device("meta"):
@@ -146,8 +176,7 @@ def main() -> None:
     notes = [f"Parameters: {mf_name} {params['memoryformer'] / 1e6:.1f}M, {dense_name} {params['dense'] / 1e6:.1f}M. "
              f"dtype {args.dtype}. Medians over interleaved rounds; ratio < 1: MemoryFormer faster."]
     if memory:
-        notes.append("Peak RSS (GB; decode = batch 8 after 1024 tokens; train = AdamW step on 4 x 512): "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+        notes.append(memory_note(memory))
     paths = write_results(f"model_{args.pair}_{args.dtype}", rows, columns,
                           title=f"{mf_name} vs {dense_name}", notes=notes,
                           extra={"peak_rss_gb": memory, "parameters": params})
