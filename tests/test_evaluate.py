@@ -158,8 +158,14 @@ def test_greedy_flag_and_empty_context(tokenizer):
 def test_scorer_errors(tokenizer):
     model = FakeLM(tokenizer.get_vocab_size())
     scorer = Scorer(model, tokenizer, max_length=3, progress=False)
-    with pytest.raises(ValueError, match="does not fit max_length 3"):
-        scorer.loglikelihood([("The", " quick brown fox jumps over the lazy dog.")])
+    # a continuation longer than the window is scored on its last max_length tokens, with a warning
+    context, continuation = "The", " quick brown fox jumps over the lazy dog."
+    with pytest.warns(UserWarning, match="last max_length tokens"):
+        (long_ll, _), = scorer.loglikelihood([(context, continuation)])
+    ctx_ids, cont_ids = scorer.encode_request(context, continuation)
+    assert len(cont_ids) > 3
+    (expected, _), = scorer.loglikelihood_tokens([(list(ctx_ids) + list(cont_ids[:-3]), list(cont_ids[-3:]))])
+    assert long_ll == pytest.approx(expected)
     with pytest.raises(ValueError, match="encodes to no tokens"):
         scorer.loglikelihood([("The", "")])
     bad = Scorer(lambda idx: model(idx)[:, :-1], tokenizer, max_length=8, progress=False)

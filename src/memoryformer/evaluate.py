@@ -13,6 +13,7 @@ with `lm_eval` on the same requests.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,13 @@ class Scorer:
         for context_ids, continuation_ids in pairs:
             if not context_ids or not continuation_ids:
                 raise ValueError("each request needs at least one context and one continuation token")
-            if len(continuation_ids) > self.max_length:
-                raise ValueError(
-                    f"a continuation of {len(continuation_ids)} tokens does not fit max_length {self.max_length}"
-                )
+        if any(len(c) > self.max_length for _, c in pairs):
+            # a continuation longer than the window: score only its last max_length tokens, the rest
+            # joins the context (lm-eval has no defined behaviour here)
+            warnings.warn(f"continuations longer than max_length {self.max_length} tokens are scored on "
+                          "their last max_length tokens only", stacklevel=2)
+            pairs = [(list(c) + list(k[:-self.max_length]), list(k[-self.max_length:]))
+                     if len(k) > self.max_length else (c, k) for c, k in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         bar = tqdm(total=len(pairs), desc=desc, disable=not self.progress, leave=False)
