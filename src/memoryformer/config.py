@@ -19,8 +19,40 @@ WEIGHTINGS = ("prob", "l1")
 ACTIVATIONS = (None, "gelu")
 
 
+class JsonConfig:
+    """dict / JSON round trip and `replace` for the config dataclasses (ModelConfig, TrainConfig)."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path):
+        """Parse a JSON string, or read a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """Every setting of a MemoryFormer or Pythia-twin language model.
 
     Fields that only one architecture reads are ignored by the other: tau, expanding_bits,
@@ -114,42 +146,12 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-        fields = {**PRESETS[name], **overrides}
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**fields)
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     def twin(self) -> ModelConfig:
         """The same depth, width, heads, vocabulary and rotary settings in the other architecture."""
         other = "pythia" if self.architecture == "memoryformer" else "memoryformer"
         return self.replace(architecture=other)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> ModelConfig:
-        path = Path(text_or_path)
-        text = path.read_text() if not str(text_or_path).lstrip().startswith("{") else str(text_or_path)
-        return cls.from_dict(json.loads(text))
 
 
 _MF = dict(architecture="memoryformer", tau=8, expanding_bits=2)

@@ -36,7 +36,7 @@ from torch import nn
 
 from memoryformer import checkpoint as ckpt
 from memoryformer import distributed as D
-from memoryformer.config import PRESETS, ModelConfig
+from memoryformer.config import PRESETS, JsonConfig, ModelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -70,7 +70,7 @@ def paper_lr(model: ModelConfig | str) -> float:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Every setting of a training run (the model's are in ModelConfig)."""
 
     batch_size: int = 8  # sequences per device per micro-step
@@ -138,34 +138,10 @@ class TrainConfig:
             return "bf16"
         return "fp32"
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
         return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> TrainConfig:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
 
 
 # ---------------------------------------------------------------------------------------------
