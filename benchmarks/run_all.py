@@ -1,0 +1,404 @@
+"""Run every benchmark, each in a fresh process, then write results/SUMMARY.md and results/summary.json.
+
+    python benchmarks/run_all.py [--quick] [--bf16] [--only NAME ...]
+    python benchmarks/run_all.py --summary-only      # rebuild the summary from the JSON already there
+
+Benchmarks (--only names): layer (layer.py), model_tiny (model.py --pair tiny), model_tiny_bf16 (model.py --pair
+tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units) and precision
+(precision.py, when that script exists). Each runs as its own subprocess, so each has a clean process and its
+own peak memory. --quick passes each script the reduced-size flags it has (fewer rounds, fewer sizes, no train
+step or memory pass); quick results overwrite the full ones, and their command line in the summary says so.
+
+The summary holds the performance targets (each MET or MISSED, read from the JSON results), the source files
+with their machine, date and command, and every results table. A failing benchmark is reported there and
+makes the exit status 1; the others still run. Progress lines go to stderr. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROG = "python benchmarks/run_all.py"
+
+
+# ---- the benchmarks ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark script run: `python benchmarks/SCRIPT ARGS`, writing results/STEM.json/.md."""
+
+    name: str
+    script: str
+    args: tuple[str, ...]
+    stem: str
+    quick: tuple[tuple[str, ...], ...]  # flag groups for --quick, each passed only if the script has its flag
+    opt_in: bool = False  # run only when asked for (--bf16 or --only)
+
+
+MODEL_QUICK = (("--rounds", "1"), ("--skip-train",), ("--skip-memory",))
+BENCHES = (
+    Bench("layer", "layer.py", (), "layer",
+          (("--rounds", "1"), ("--d", "1024"), ("--n", "1", "2048"), ("--dtypes", "fp32"))),
+    Bench("model_tiny", "model.py", ("--pair", "tiny"), "model_tiny_fp32", MODEL_QUICK),
+    Bench("model_tiny_bf16", "model.py", ("--pair", "tiny", "--dtype", "bf16"), "model_tiny_bf16", MODEL_QUICK,
+          opt_in=True),
+    Bench("precision", "precision.py", (), "precision", (("--quick",), ("--rounds", "1"))),
+)
+BY_NAME = {b.name: b for b in BENCHES}
+
+
+def quick_args(bench: Bench, source: str) -> list[str]:
+    """The --quick flag groups whose flag appears in the script's source; a script's own --quick wins alone."""
+    present = [g for g in bench.quick if f'"{g[0]}"' in source or f"'{g[0]}'" in source]
+    own = [g for g in present if g[0] == "--quick"]
+    return [a for g in (own or present) for a in g]
+
+
+def bench_command(bench: Bench, quick: bool, bench_dir: Path = HERE) -> list[str]:
+    """argv of one benchmark run (the script must exist when `quick`)."""
+    script = bench_dir / bench.script
+    extra = quick_args(bench, script.read_text()) if quick else []
+    return [sys.executable, str(script), *bench.args, *extra]
+
+
+def selected(args: argparse.Namespace, bench_dir: Path = HERE) -> list[Bench]:
+    """The benchmarks to run: --only's, else all but the opt-in ones (bf16 with --bf16) and absent scripts."""
+    if args.only:
+        return [BY_NAME[n] for n in dict.fromkeys(args.only)]
+    return [b for b in BENCHES if (not b.opt_in or args.bf16) and (bench_dir / b.script).exists()]
+
+
+@dataclass
+class RunResult:
+    name: str
+    command: str
+    returncode: int
+    seconds: float
+    tail: list[str] = field(default_factory=list)  # last output lines, kept for failures
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_bench(bench: Bench, quick: bool, bench_dir: Path = HERE) -> RunResult:
+    """Run one benchmark in a subprocess from the repository root, echoing its output to stderr."""
+    if not (bench_dir / bench.script).exists():
+        return RunResult(bench.name, bench.script, 127, 0.0, [f"{bench_dir / bench.script} does not exist"])
+    argv = bench_command(bench, quick, bench_dir)
+    shown = shlex.join(["python", str(Path(argv[1]).relative_to(bench_dir.parent)), *argv[2:]])
+    log(f"running {bench.name}: {shown}")
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    t0 = time.perf_counter()
+    with subprocess.Popen(argv, cwd=bench_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(f"  {line}")
+            tail.append(line.rstrip("\n"))
+    seconds = time.perf_counter() - t0
+    log(f"{bench.name}: exit {proc.returncode} after {seconds:.0f} s")
+    return RunResult(bench.name, shown, proc.returncode, seconds, list(tail))
+
+
+def log(msg: str) -> None:
+    print(f"[run_all] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- targets -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A row of `stem`.json matching `match` whose `ratio` should be at most `limit` (None: reported only)."""
+
+    key: str
+    text: str
+    stem: str
+    match: dict
+    limit: float | None
+
+
+LAYER_TEXT = "MemoryLayer(1024, 1024) / nn.Linear(1024, 1024) time, fp32"
+MODEL_TEXT = "mf-tiny / pythia-70m time, fp32, decode batch 1 after 128 tokens"
+TARGETS = (
+    Target("a", f"{LAYER_TEXT}, forward, N = 1 (cold)", "layer",
+           {"d": 1024, "n": 1, "mode": "fwd", "dtype": "fp32"}, 0.2),
+    Target("b", f"{MODEL_TEXT}: blocks (head excluded)", "model_tiny_fp32",
+           {"case": "decode b=1 ctx=128", "head": False}, 0.15),
+    Target("b", f"{MODEL_TEXT}: whole model (head included)", "model_tiny_fp32",
+           {"case": "decode b=1 ctx=128", "head": True}, None),
+    Target("c", f"{LAYER_TEXT}, forward + backward, N = 2048", "layer",
+           {"d": 1024, "n": 2048, "mode": "fwd+bwd", "dtype": "fp32"}, 1.5),
+    Target("d", f"{LAYER_TEXT}, forward, N = 2048 (stretch)", "layer",
+           {"d": 1024, "n": 2048, "mode": "fwd", "dtype": "fp32"}, 1.0),
+)
+# time fields of layer and model rows: (ours, dense, our label, dense label)
+TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"))
+PRECISION_LIMITS = {"bf16": 1e-2, "int8": 2e-2}
+OPTION_KEYS = ("option", "tables", "table_dtype", "dtype", "format", "storage", "name", "case")
+ERROR_KEYS = ("max_rel_logit_error", "max_rel_error", "rel_logit_error", "rel_error", "relative_error")
+PPL_KEYS = ("ppl_delta", "delta_ppl", "ppl_change", "ppl_diff", "ppl_rel_delta")
+
+
+def status(value: float | None, limit: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "NO DATA"
+    if limit is None:
+        return "reported"
+    return "MET" if value <= limit else "MISSED"
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def find_row(payload: dict | None, match: dict) -> dict | None:
+    for row in (payload or {}).get("rows", []):
+        if isinstance(row, dict) and all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def ratio_target(t: Target, payload: dict | None) -> dict:
+    """One target row: the measured ratio (with the two times) and its status."""
+    row = find_row(payload, t.match)
+    value = _number(row.get("ratio")) if row else None
+    if payload is None:
+        measured = f"no {t.stem}.json"
+    elif value is None:
+        measured = f"no row with a ratio for {t.match}"
+    else:
+        times = [f" ({la} {row[a]:.3g} ms, {lb} {row[b]:.3g} ms)" for a, b, la, lb in TIME_PAIRS
+                 if _number(row.get(a)) is not None and _number(row.get(b)) is not None]
+        measured = f"{value:.3g}" + "".join(times[:1])
+    return {"key": t.key, "target": t.text, "limit": t.limit, "value": value, "measured": measured,
+            "status": status(value, t.limit), "source": f"{t.stem}.json"}
+
+
+def precision_rows(payload: dict) -> list[dict]:
+    """The per-option rows of precision.json, whatever its layout: a list under rows/results, or a dict of dicts."""
+    for key in ("rows", "results", "options"):
+        rows = payload.get(key)
+        if isinstance(rows, list):
+            return [r for r in rows if isinstance(r, dict)]
+        if isinstance(rows, dict):
+            return [{"option": k, **v} for k, v in rows.items() if isinstance(v, dict)]
+    return [{"option": k, **v} for k, v in payload.items() if isinstance(v, dict) and k != "machine"]
+
+
+def _first(row: dict, exact: tuple[str, ...], words: tuple[str, ...], any_of: tuple[str, ...] = ()) -> float | None:
+    """The number under the first of `exact`, else under the first key holding all `words` (and one of any_of)."""
+    for k in exact:
+        if _number(row.get(k)) is not None:
+            return _number(row[k])
+    for k, v in row.items():
+        low = k.lower()
+        if all(w in low for w in words) and (not any_of or any(w in low for w in any_of)) and _number(v) is not None:
+            return _number(v)
+    return None
+
+
+def precision_target(kind: str, payload: dict | None) -> dict:
+    """Worst relative logit error (and its perplexity change) over precision.json's rows for `kind` tables."""
+    limit = PRECISION_LIMITS[kind]
+    base = {"key": "e", "target": f"{kind} tables: max relative logit error (perplexity change reported)",
+            "limit": limit, "source": "precision.json"}
+    if payload is None:
+        return {**base, "value": None, "measured": "no precision.json", "status": status(None, limit)}
+    worst: tuple[float, float | None] | None = None
+    for row in precision_rows(payload):
+        option = " ".join(str(row.get(k, "")) for k in OPTION_KEYS if isinstance(row.get(k), str)).lower()
+        if kind in option:
+            err = _first(row, ERROR_KEYS, ("rel", "err"))
+            ppl = _first(row, PPL_KEYS, ("ppl",), ("delta", "change", "diff"))
+        else:  # a wide row: bf16_rel_error, int8_ppl_delta, ...
+            err = _first(row, (), (kind, "rel", "err"))
+            ppl = _first(row, (), (kind, "ppl"), ("delta", "change", "diff"))
+        if err is not None and (worst is None or err > worst[0]):
+            worst = (err, ppl)
+    if worst is None:
+        return {**base, "value": None, "measured": f"no {kind} row with a relative error", "status": "NO DATA"}
+    err, ppl = worst
+    measured = f"{err:.2g}" + ("" if ppl is None else f"; perplexity change {ppl:+.3g}")
+    return {**base, "value": err, "measured": measured, "status": status(err, limit), "ppl_delta": ppl}
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """stem -> payload of every readable results JSON (summary.json excluded)."""
+    out = {}
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            log(f"skipping unreadable {path.name}: {err}")
+            continue
+        if isinstance(payload, dict):
+            out[path.stem] = payload
+    return out
+
+
+def targets(results: dict[str, dict]) -> list[dict]:
+    rows = [ratio_target(t, results.get(t.stem)) for t in TARGETS]
+    return rows + [precision_target(kind, results.get("precision")) for kind in PRECISION_LIMITS]
+
+
+# ---- the summary ---------------------------------------------------------------------------------------------
+
+
+def describe_machine(m: dict | None) -> str:
+    """'CPU, N threads, torch X[, GPU Y]' from a results file's machine record."""
+    if not isinstance(m, dict):
+        return "unknown machine"
+    parts = [str(m.get("cpu", "unknown CPU"))]
+    if "torch_threads" in m:
+        parts.append(f"{m['torch_threads']} threads")
+    parts.append(f"torch {m.get('torch', '?')}")
+    if m.get("gpu"):
+        parts.append(f"GPU {m['gpu']}")
+    return ", ".join(parts)
+
+
+def md_order(stem: str) -> tuple:
+    """layer, the model pairs (tiny fp32 first), precision, then anything else, by name."""
+    known = [b.stem for b in BENCHES if b.stem != "precision"]
+    if stem in known:
+        return (0, known.index(stem), stem)
+    return (1 if stem.startswith("model_") else 2 if stem == "precision" else 3, 0, stem)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _limit(v: float | None) -> str:
+    return "" if v is None else f"<= {v:g}"
+
+
+def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summary-only",
+                  runs: list[RunResult] | None = None, date: str | None = None) -> tuple[str, dict]:
+    """SUMMARY.md's text and summary.json's payload, from the results JSON/Markdown in `results_dir`.
+
+    `runs`: the benchmark runs of this invocation (None: nothing was run, the summary is rebuilt)."""
+    date = date or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = load_results(results_dir)
+    rows = targets(results)
+    sources = {stem: {"date": p.get("date"), "command": p.get("command"), "machine": describe_machine(p.get("machine"))}
+               for stem, p in sorted(results.items(), key=lambda kv: md_order(kv[0]))}
+    machines = list(dict.fromkeys(s["machine"] for s in sources.values()))
+    failed = [r.name for r in runs or [] if not r.ok]
+    payload = {"command": command, "date": date, "machines": machines, "targets": rows, "sources": sources,
+               "runs": None if runs is None else [vars(r) | {"ok": r.ok} for r in runs], "failed": failed}
+
+    lines = ["# Benchmark summary", "",
+             f"Measured on: {'; '.join(machines) or 'no results yet'}  ",
+             f"Summary written: {date}, by `{command}`", ""]
+    if runs is None:
+        lines += ["No benchmark was run for this summary: it is rebuilt from the JSON results below.", ""]
+    lines += ["## Targets", "",
+              "a-d are time ratios, ours over the dense baseline's, timed alternately in one process "
+              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones.", "",
+              "| | target | limit | measured | status | from |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['key']} | {_cell(r['target'])} | {_limit(r['limit'])} | {_cell(r['measured'])} | "
+                     f"{r['status']} | {r['source']} |")
+    if runs is not None:
+        lines += ["", "## Runs", "", "| benchmark | command | exit | seconds |", "|---|---|---|---|"]
+        for r in runs:
+            lines.append(f"| {r.name} | `{_cell(r.command)}` | {r.returncode}{'' if r.ok else ' FAILED'} | "
+                         f"{r.seconds:.0f} |")
+        for r in runs:
+            if not r.ok:
+                lines += ["", f"{r.name} failed; its results below, if any, are from an earlier run. "
+                              "Last output lines:", "", "```", *r.tail, "```"]
+    lines += ["", "## Sources", "", "| file | date | command | machine |", "|---|---|---|---|"]
+    for stem, s in sources.items():
+        lines.append(f"| [{stem}.json]({stem}.json) | {s['date']} | `{_cell(s['command'])}` | {_cell(s['machine'])} |")
+    for stem in sources:
+        md = results_dir / f"{stem}.md"
+        if md.exists():
+            body = md.read_text().rstrip("\n").splitlines()
+            lines += ["", *[("#" + ln if ln.startswith("#") else ln) for ln in body], "", f"(From [{md.name}]({md.name}).)"]
+    return "\n".join(lines) + "\n", payload
+
+
+def write_summary(results_dir: Path, **kwargs) -> Path:
+    """Write SUMMARY.md and summary.json into `results_dir`; returns SUMMARY.md's path."""
+    text, payload = build_summary(results_dir, **kwargs)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path = results_dir / "SUMMARY.md"
+    path.write_text(text)
+    return path
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced rounds and sizes (overwrites the full results; a smoke test, not a measurement)")
+    parser.add_argument("--bf16", action="store_true", help="also run model.py --pair tiny --dtype bf16 (slow)")
+    parser.add_argument("--only", nargs="+", choices=list(BY_NAME), metavar="NAME",
+                        help=f"run only these benchmarks: {', '.join(BY_NAME)}")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing; rebuild SUMMARY.md and summary.json from the JSON results")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="with --summary-only: where the results are read and the summary written "
+                             "(default benchmarks/results, where the benchmarks write)")
+
+
+def command_line(args: argparse.Namespace, prog: str = PROG) -> str:
+    """The invocation, spelt out from the parsed arguments."""
+    parts = [prog] + ["--quick"] * args.quick + ["--bf16"] * args.bf16
+    parts += ["--only", *args.only] if args.only else []
+    parts += ["--summary-only"] * args.summary_only
+    parts += ["--results-dir", str(args.results_dir)] if Path(args.results_dir) != RESULTS else []
+    return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
+
+
+def run(args: argparse.Namespace, prog: str = PROG) -> int:
+    """Run the selected benchmarks (unless --summary-only), then write the summary. 1 if any benchmark failed."""
+    if args.summary_only and (args.quick or args.bf16 or args.only):
+        raise ValueError("--summary-only runs no benchmark; drop --quick, --bf16 and --only")
+    if not args.summary_only and Path(args.results_dir) != RESULTS:
+        raise ValueError(f"--results-dir needs --summary-only (the benchmarks always write to {RESULTS})")
+    command = command_line(args, prog)
+    runs = None
+    if not args.summary_only:
+        runs = [run_bench(b, args.quick) for b in selected(args)]
+    path = write_summary(Path(args.results_dir), command=command, runs=runs)
+    log(f"wrote {path} and summary.json")
+    failed = [r.name for r in runs or [] if not r.ok]
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""benchmarks/run_all.py (targets, summary, runs) and the `memoryformer bench` verb, on fake results: no timing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from memoryformer import cli
+from memoryformer.commands import bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import run_all  # noqa: E402
+
+MACHINE = {"cpu": "Test CPU", "torch_threads": 2, "torch": "9.9.9"}
+
+
+def layer_row(n: int, mode: str, ratio: float, dtype: str = "fp32", d: int = 1024) -> dict:
+    return {"d": d, "n": n, "mode": mode, "dtype": dtype, "cold": n == 1, "linear_ms": 1.0,
+            "memory_ms": ratio, "ratio": ratio}
+
+
+def model_row(head: bool, ratio: float, case: str = "decode b=1 ctx=128") -> dict:
+    return {"case": case, "head": head, "mf_ms": 10.0 * ratio, "dense_ms": 10.0, "ratio": ratio}
+
+
+def write(results: Path, stem: str, rows: list[dict] | None = None, title: str = "", **extra) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {"command": f"python benchmarks/{stem}.py", "machine": MACHINE, "date": "2000-01-01 00:00 UTC",
+               **extra, **({} if rows is None else {"rows": rows})}
+    (results / f"{stem}.json").write_text(json.dumps(payload))
+    (results / f"{stem}.md").write_text(f"# {title or stem}\n\n| x |\n|---|\n| {stem} |\n")
+
+
+def fake_results(results: Path) -> None:
+    """a MET (0.2 is at the limit), b MISSED, c MET, d MISSED; precision: bf16 MET, int8 MISSED."""
+    write(results, "layer", [layer_row(1, "fwd", 0.2), layer_row(1, "fwd", 0.01, dtype="bf16"),
+                             layer_row(2048, "fwd+bwd", 1.2), layer_row(2048, "fwd", 1.3),
+                             layer_row(2048, "fwd", 0.5, d=512)], title="MemoryLayer vs nn.Linear")
+    write(results, "model_tiny_fp32", [model_row(True, 0.8), model_row(False, 0.6),
+                                       model_row(False, 0.01, case="decode b=8 ctx=128")], title="mf-tiny vs pythia")
+    write(results, "precision", [{"option": "fp32", "max_rel_logit_error": 0.0, "ppl_delta": 0.0},
+                                 {"option": "bf16", "max_rel_logit_error": 3e-3, "ppl_delta": 0.01},
+                                 {"option": "bf16", "max_rel_logit_error": 5e-3, "ppl_delta": -0.02},
+                                 {"option": "int8", "max_rel_logit_error": 0.03, "ppl_delta": 0.5}])
+
+
+def by_text(rows: list[dict]) -> dict[str, dict]:
+    return {r["target"]: r for r in rows}
+
+
+def test_targets_met_and_missed(tmp_path) -> None:
+    fake_results(tmp_path)
+    rows = run_all.targets(run_all.load_results(tmp_path))
+    assert [(r["key"], r["status"]) for r in rows] == [
+        ("a", "MET"), ("b", "MISSED"), ("b", "reported"), ("c", "MET"), ("d", "MISSED"), ("e", "MET"), ("e", "MISSED")]
+    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, 5e-3, 0.03]  # the fp32 d=1024 rows, worst bf16
+    assert rows[0]["measured"] == "0.2 (MemoryLayer 0.2 ms, Linear 1 ms)"
+    assert rows[1]["measured"] == "0.6 (MF 6 ms, dense 10 ms)"
+    assert rows[5]["ppl_delta"] == -0.02 and "perplexity change -0.02" in rows[5]["measured"]
+
+
+def test_status_boundaries() -> None:
+    assert run_all.status(0.15, 0.15) == "MET"
+    assert run_all.status(0.1500001, 0.15) == "MISSED"
+    assert run_all.status(float("nan"), 0.15) == "NO DATA"
+    assert run_all.status(None, 0.15) == "NO DATA"
+    assert run_all.status(3.0, None) == "reported"
+
+
+def test_missing_files_and_rows(tmp_path) -> None:
+    write(tmp_path, "layer", [layer_row(1, "fwd", 0.1)])  # no N = 2048 rows, no model or precision file
+    rows = run_all.targets(run_all.load_results(tmp_path))
+    assert [r["status"] for r in rows] == ["MET"] + ["NO DATA"] * 6
+    assert rows[1]["measured"] == "no model_tiny_fp32.json" and "no row" in rows[3]["measured"]
+    assert rows[5]["measured"] == "no precision.json"
+    (tmp_path / "broken.json").write_text("{not json")
+    assert set(run_all.load_results(tmp_path)) == {"layer"}
+    text, payload = run_all.build_summary(tmp_path / "empty")
+    assert "no results yet" in text and all(r["status"] == "NO DATA" for r in payload["targets"])
+
+
+@pytest.mark.parametrize("payload", [
+    {"rows": [{"option": "bf16 tables", "max_rel_logit_error": 2e-3, "ppl_delta": 0.1}]},
+    {"results": {"bf16": {"rel_error": 2e-3, "delta_ppl": 0.1}}},
+    {"machine": MACHINE, "bf16": {"max_rel_error": 2e-3, "ppl_change": 0.1}},
+    {"rows": [{"model": "mf-tiny", "bf16_max_rel_err": 2e-3, "bf16_ppl_delta": 0.1, "int8_max_rel_err": 1.0}]},
+])
+def test_precision_layouts(payload) -> None:
+    row = run_all.precision_target("bf16", payload)
+    assert (row["value"], row["ppl_delta"], row["status"]) == (2e-3, 0.1, "MET")
+
+
+def test_precision_without_errors() -> None:
+    row = run_all.precision_target("int8", {"rows": [{"option": "int8", "note": "not measured"}]})
+    assert row["status"] == "NO DATA" and row["value"] is None
+
+
+def test_summary_only_writes_summary(tmp_path, capsys) -> None:
+    fake_results(tmp_path)
+    write(tmp_path, "model_demo_fp32", [], title="mf-demo vs pythia-demo")
+    write(tmp_path, "zzz_other", [], title="another")
+    assert run_all.main(["--summary-only", "--results-dir", str(tmp_path)]) == 0
+    assert "wrote" in capsys.readouterr().err
+    text = (tmp_path / "SUMMARY.md").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["command"] == f"python benchmarks/run_all.py --summary-only --results-dir {tmp_path}"
+    assert summary["machines"] == ["Test CPU, 2 threads, torch 9.9.9"] and summary["runs"] is None
+    assert [r["status"] for r in summary["targets"]] == ["MET", "MISSED", "reported", "MET", "MISSED", "MET", "MISSED"]
+    assert "Test CPU, 2 threads, torch 9.9.9" in text and summary["command"] in text and "No benchmark was run" in text
+    assert "| a | " in text and "| MISSED |" in text and "## Runs" not in text
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["## Targets", "## Sources", "## MemoryLayer vs nn.Linear", "## mf-tiny vs pythia",
+                      "## mf-demo vs pythia-demo", "## precision", "## another"]  # included, demoted, in order
+    assert "summary" not in summary["sources"] and "(From [layer.md](layer.md).)" in text
+    assert run_all.main(["--summary-only", "--results-dir", str(tmp_path)]) == 0  # rebuilds from its own output
+    assert json.loads((tmp_path / "summary.json").read_text())["targets"] == summary["targets"]
+
+
+def test_failing_benchmark_reported_others_still_run(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_run(b: run_all.Bench, quick: bool) -> run_all.RunResult:
+        calls.append((b.name, quick))
+        return run_all.RunResult(b.name, f"python {b.script}", 3 if b.name == "layer" else 0, 1.0, ["Traceback", "boom"])
+
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    monkeypatch.setattr(run_all, "run_bench", fake_run)
+    fake_results(tmp_path)
+    assert run_all.main(["--quick", "--only", "layer", "model_tiny"]) == 1
+    assert calls == [("layer", True), ("model_tiny", True)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] == ["layer"] and [r["ok"] for r in summary["runs"]] == [False, True]
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "| 3 FAILED |" in text and "layer failed" in text and "boom" in text
+    assert summary["command"] == "python benchmarks/run_all.py --quick --only layer model_tiny"
+    assert run_all.main(["--only", "model_tiny"]) == 0
+
+
+def test_run_bench_subprocess(tmp_path) -> None:
+    bench_dir = tmp_path / "benchmarks"
+    bench_dir.mkdir()
+    (bench_dir / "fails.py").write_text("import sys\nprint('computing', sys.argv[1:])\nsys.exit(3)\n")
+    b = run_all.Bench("fails", "fails.py", ("--pair", "x"), "fails", (("--rounds", "1"),))
+    result = run_all.run_bench(b, quick=False, bench_dir=bench_dir)
+    assert (result.returncode, result.ok) == (3, False)
+    assert result.tail == ["computing ['--pair', 'x']"] and result.command == "python benchmarks/fails.py --pair x"
+    missing = run_all.run_bench(run_all.Bench("gone", "gone.py", (), "gone", ()), quick=False, bench_dir=bench_dir)
+    assert not missing.ok and "does not exist" in missing.tail[0]
+
+
+def test_quick_args_follow_the_scripts_flags(tmp_path) -> None:
+    b = run_all.BY_NAME["precision"]
+    assert run_all.quick_args(b, 'p.add_argument("--quick")\np.add_argument("--rounds")') == ["--quick"]
+    assert run_all.quick_args(b, "p.add_argument('--rounds', type=int)") == ["--rounds", "1"]
+    assert run_all.quick_args(b, "no flags") == []
+    layer = run_all.bench_command(run_all.BY_NAME["layer"], quick=True)  # reads the real layer.py's flags
+    assert layer[2:] == ["--rounds", "1", "--d", "1024", "--n", "1", "2048", "--dtypes", "fp32"]
+    model = run_all.bench_command(run_all.BY_NAME["model_tiny"], quick=True)
+    assert model[2:] == ["--pair", "tiny", "--rounds", "1", "--skip-train", "--skip-memory"]
+
+
+def test_selection(tmp_path) -> None:
+    args = argparse.Namespace(only=None, bf16=False)
+    (tmp_path / "layer.py").touch()
+    (tmp_path / "model.py").touch()
+    assert [b.name for b in run_all.selected(args, tmp_path)] == ["layer", "model_tiny"]  # no precision.py here
+    (tmp_path / "precision.py").touch()
+    args.bf16 = True
+    assert [b.name for b in run_all.selected(args, tmp_path)] == ["layer", "model_tiny", "model_tiny_bf16", "precision"]
+    args.only = ["model_tiny_bf16", "layer", "layer"]
+    assert [b.name for b in run_all.selected(args, tmp_path)] == ["model_tiny_bf16", "layer"]
+
+
+def test_bad_combinations(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        run_all.main(["--summary-only", "--quick"])
+    assert "--summary-only runs no benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_all.main(["--results-dir", str(tmp_path)])
+    assert "--results-dir needs --summary-only" in capsys.readouterr().err
+
+
+def test_cli_bench_summary_only(tmp_path) -> None:
+    fake_results(tmp_path)
+    assert cli.main(["bench", "--summary-only", "--results-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["command"] == f"memoryformer bench --summary-only --results-dir {tmp_path}"
+    assert summary["targets"][0]["status"] == "MET"
+
+
+def test_cli_bench_without_benchmarks_dir(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "BENCHMARKS", tmp_path / "no-benchmarks")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--quick"])
+    message = str(exc.value.code)
+    assert message.startswith("memoryformer bench: error: ") and "\n" not in message
+    assert "source repository" in message
+    with pytest.raises(FileNotFoundError, match="source repository"):
+        bench.run(argparse.Namespace())
