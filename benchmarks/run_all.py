@@ -3,11 +3,12 @@
     python benchmarks/run_all.py [--quick] [--bf16] [--only NAME ...]
     python benchmarks/run_all.py --summary-only      # rebuild the summary from the JSON already there
 
-Benchmarks (--only names): layer (layer.py), model_tiny (model.py --pair tiny), model_tiny_bf16 (model.py --pair
-tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units) and precision
+Benchmarks (--only names): layer (layer.py), model_tiny (model.py --pair tiny), model_tiny_bf16 (model.py
+--pair tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units) and precision
 (precision.py, when that script exists). Each runs as its own subprocess, so each has a clean process and its
-own peak memory. --quick passes each script the reduced-size flags it has (fewer rounds, fewer sizes, no train
-step or memory pass); quick results overwrite the full ones, and their command line in the summary says so.
+own peak memory. --quick passes each script the reduced-size flags it has (fewer rounds and sizes, no train
+step or memory pass; for precision.py fewer training steps and windows, trained in runs/precision-quick);
+quick results overwrite the full ones, and their command line in the summary says so.
 
 The summary holds the performance targets (each MET or MISSED, read from the JSON results), the source files
 with their machine, date and command, and every results table. A failing benchmark is reported there and
@@ -33,7 +34,7 @@ RESULTS = HERE / "results"
 PROG = "python benchmarks/run_all.py"
 
 
-# ---- the benchmarks ------------------------------------------------------------------------------------------
+# ---- the benchmarks -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,25 +54,27 @@ BENCHES = (
     Bench("layer", "layer.py", (), "layer",
           (("--rounds", "1"), ("--d", "1024"), ("--n", "1", "2048"), ("--dtypes", "fp32"))),
     Bench("model_tiny", "model.py", ("--pair", "tiny"), "model_tiny_fp32", MODEL_QUICK),
-    Bench("model_tiny_bf16", "model.py", ("--pair", "tiny", "--dtype", "bf16"), "model_tiny_bf16", MODEL_QUICK,
-          opt_in=True),
-    Bench("precision", "precision.py", (), "precision", (("--quick",), ("--rounds", "1"))),
+    Bench("model_tiny_bf16", "model.py", ("--pair", "tiny", "--dtype", "bf16"), "model_tiny_bf16",
+          MODEL_QUICK, opt_in=True),
+    Bench("precision", "precision.py", (), "precision",  # quick: a shorter training run, kept apart
+          (("--quick",), ("--rounds", "1"), ("--steps", "10"), ("--windows", "4"),
+           ("--work", "runs/precision-quick"))),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 
 
 def quick_args(bench: Bench, source: str) -> list[str]:
-    """The --quick flag groups whose flag appears in the script's source; a script's own --quick wins alone."""
+    """The --quick flag groups whose flag the script's source mentions; its own --quick, if any, alone."""
     present = [g for g in bench.quick if f'"{g[0]}"' in source or f"'{g[0]}'" in source]
     own = [g for g in present if g[0] == "--quick"]
     return [a for g in (own or present) for a in g]
 
 
 def bench_command(bench: Bench, quick: bool, bench_dir: Path = HERE) -> list[str]:
-    """argv of one benchmark run (the script must exist when `quick`)."""
+    """argv of one benchmark run from the repository root (the script must exist when `quick`)."""
     script = bench_dir / bench.script
     extra = quick_args(bench, script.read_text()) if quick else []
-    return [sys.executable, str(script), *bench.args, *extra]
+    return [sys.executable, f"{bench_dir.name}/{bench.script}", *bench.args, *extra]
 
 
 def selected(args: argparse.Namespace, bench_dir: Path = HERE) -> list[Bench]:
@@ -99,12 +102,13 @@ def run_bench(bench: Bench, quick: bool, bench_dir: Path = HERE) -> RunResult:
     if not (bench_dir / bench.script).exists():
         return RunResult(bench.name, bench.script, 127, 0.0, [f"{bench_dir / bench.script} does not exist"])
     argv = bench_command(bench, quick, bench_dir)
-    shown = shlex.join(["python", str(Path(argv[1]).relative_to(bench_dir.parent)), *argv[2:]])
+    shown = shlex.join(["python", *argv[1:]])
     log(f"running {bench.name}: {shown}")
     tail: collections.deque[str] = collections.deque(maxlen=20)
     t0 = time.perf_counter()
-    with subprocess.Popen(argv, cwd=bench_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(argv, cwd=bench_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stderr.write(f"  {line}")
@@ -118,7 +122,7 @@ def log(msg: str) -> None:
     print(f"[run_all] {msg}", file=sys.stderr, flush=True)
 
 
-# ---- targets -------------------------------------------------------------------------------------------------
+# ---- targets --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ def ratio_target(t: Target, payload: dict | None) -> dict:
 
 
 def precision_rows(payload: dict) -> list[dict]:
-    """The per-option rows of precision.json, whatever its layout: a list under rows/results, or a dict of dicts."""
+    """precision.json's per-option rows, whatever its layout: a list under rows/results, a dict of dicts."""
     for key in ("rows", "results", "options"):
         rows = payload.get(key)
         if isinstance(rows, list):
@@ -200,29 +204,39 @@ def precision_rows(payload: dict) -> list[dict]:
     return [{"option": k, **v} for k, v in payload.items() if isinstance(v, dict) and k != "machine"]
 
 
-def _first(row: dict, exact: tuple[str, ...], words: tuple[str, ...], any_of: tuple[str, ...] = ()) -> float | None:
-    """The number under the first of `exact`, else under the first key holding all `words` (and one of any_of)."""
+def _first(row: dict, exact: tuple[str, ...], words: tuple[str, ...],
+           any_of: tuple[str, ...] = ()) -> float | None:
+    """The number under the first of `exact`, else the first key with all `words` (and one of any_of)."""
     for k in exact:
         if _number(row.get(k)) is not None:
             return _number(row[k])
     for k, v in row.items():
         low = k.lower()
-        if all(w in low for w in words) and (not any_of or any(w in low for w in any_of)) and _number(v) is not None:
+        wanted = all(w in low for w in words) and (not any_of or any(w in low for w in any_of))
+        if wanted and _number(v) is not None:
             return _number(v)
     return None
 
 
 def precision_target(kind: str, payload: dict | None) -> dict:
-    """Worst relative logit error (and its perplexity change) over precision.json's rows for `kind` tables."""
+    """The `kind`-tables row of precision.json: its relative logit error, verdict and perplexity change.
+
+    precision.py's rows (option "bf16-tables", rel_l2_err, mean_rel_err, target_met, ppl_delta) are read as
+    that script defines its target: met when the relative L2 and the mean per-position error are both within
+    it. Other layouts: the worst relative error over the rows naming `kind` tables (not a head)."""
     limit = PRECISION_LIMITS[kind]
-    base = {"key": "e", "target": f"{kind} tables: max relative logit error (perplexity change reported)",
+    base = {"key": "e", "target": f"{kind} tables: relative logit error (perplexity change reported)",
             "limit": limit, "source": "precision.json"}
     if payload is None:
         return {**base, "value": None, "measured": "no precision.json", "status": status(None, limit)}
+    rows = precision_rows(payload)
+    own = next((r for r in rows if r.get("option") == f"{kind}-tables"), None)
+    if own is not None and all(_number(own.get(k)) is not None for k in ("rel_l2_err", "mean_rel_err")):
+        return precision_script_row(kind, own, base)
     worst: tuple[float, float | None] | None = None
-    for row in precision_rows(payload):
+    for row in rows:
         option = " ".join(str(row.get(k, "")) for k in OPTION_KEYS if isinstance(row.get(k), str)).lower()
-        if kind in option:
+        if kind in option and "head" not in option:
             err = _first(row, ERROR_KEYS, ("rel", "err"))
             ppl = _first(row, PPL_KEYS, ("ppl",), ("delta", "change", "diff"))
         else:  # a wide row: bf16_rel_error, int8_ppl_delta, ...
@@ -231,10 +245,30 @@ def precision_target(kind: str, payload: dict | None) -> dict:
         if err is not None and (worst is None or err > worst[0]):
             worst = (err, ppl)
     if worst is None:
-        return {**base, "value": None, "measured": f"no {kind} row with a relative error", "status": "NO DATA"}
+        return {**base, "value": None, "measured": f"no {kind} row with a relative error",
+                "status": status(None, limit)}
     err, ppl = worst
     measured = f"{err:.2g}" + ("" if ppl is None else f"; perplexity change {ppl:+.3g}")
     return {**base, "value": err, "measured": measured, "status": status(err, limit), "ppl_delta": ppl}
+
+
+def precision_script_row(kind: str, row: dict, base: dict) -> dict:
+    """A target row from precision.py's own row for `kind` tables (its target and verdict when present)."""
+    limit = _number(row.get("target")) or base["limit"]
+    value = max(row["rel_l2_err"], row["mean_rel_err"])
+    verdict = row.get("target_met")
+    measured = f"rel. L2 {row['rel_l2_err']:.2g}, mean {row['mean_rel_err']:.2g}"
+    if _number(row.get("max_rel_err")) is not None:
+        measured += f" (worst position {row['max_rel_err']:.2g})"
+    ppl = _number(row.get("ppl_delta"))
+    if ppl is not None:
+        measured += f"; perplexity change {ppl:+.3g}"
+        if _number(row.get("ppl_delta_rel")) is not None:
+            measured += f" ({100 * row['ppl_delta_rel']:+.2g}%)"
+    return {**base, "target": f"{kind} tables: relative logit error, L2 and mean per position "
+                              "(perplexity change reported)",
+            "limit": limit, "value": value, "measured": measured, "ppl_delta": ppl,
+            "status": ("MET" if verdict else "MISSED") if isinstance(verdict, bool) else status(value, limit)}
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
@@ -258,7 +292,7 @@ def targets(results: dict[str, dict]) -> list[dict]:
     return rows + [precision_target(kind, results.get("precision")) for kind in PRECISION_LIMITS]
 
 
-# ---- the summary ---------------------------------------------------------------------------------------------
+# ---- the summary ----------------------------------------------------------------------------------------
 
 
 def describe_machine(m: dict | None) -> str:
@@ -298,7 +332,8 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
     date = date or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = load_results(results_dir)
     rows = targets(results)
-    sources = {stem: {"date": p.get("date"), "command": p.get("command"), "machine": describe_machine(p.get("machine"))}
+    sources = {stem: {"date": p.get("date"), "command": p.get("command"),
+                      "machine": describe_machine(p.get("machine"))}
                for stem, p in sorted(results.items(), key=lambda kv: md_order(kv[0]))}
     machines = list(dict.fromkeys(s["machine"] for s in sources.values()))
     failed = [r.name for r in runs or [] if not r.ok]
@@ -328,12 +363,14 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
                               "Last output lines:", "", "```", *r.tail, "```"]
     lines += ["", "## Sources", "", "| file | date | command | machine |", "|---|---|---|---|"]
     for stem, s in sources.items():
-        lines.append(f"| [{stem}.json]({stem}.json) | {s['date']} | `{_cell(s['command'])}` | {_cell(s['machine'])} |")
+        lines.append(f"| [{stem}.json]({stem}.json) | {s['date']} | `{_cell(s['command'])}` | "
+                     f"{_cell(s['machine'])} |")
     for stem in sources:
         md = results_dir / f"{stem}.md"
         if md.exists():
             body = md.read_text().rstrip("\n").splitlines()
-            lines += ["", *[("#" + ln if ln.startswith("#") else ln) for ln in body], "", f"(From [{md.name}]({md.name}).)"]
+            body = [("#" + ln if ln.startswith("#") else ln) for ln in body]  # its title one level down
+            lines += ["", *body, "", f"(From [{md.name}]({md.name}).)"]
     return "\n".join(lines) + "\n", payload
 
 
@@ -347,13 +384,15 @@ def write_summary(results_dir: Path, **kwargs) -> Path:
     return path
 
 
-# ---- command line --------------------------------------------------------------------------------------------
+# ---- command line ---------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="reduced rounds and sizes (overwrites the full results; a smoke test, not a measurement)")
-    parser.add_argument("--bf16", action="store_true", help="also run model.py --pair tiny --dtype bf16 (slow)")
+                        help="reduced rounds and sizes (overwrites the full results; a smoke test, not a "
+                             "measurement)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also run model.py --pair tiny --dtype bf16 (slow)")
     parser.add_argument("--only", nargs="+", choices=list(BY_NAME), metavar="NAME",
                         help=f"run only these benchmarks: {', '.join(BY_NAME)}")
     parser.add_argument("--summary-only", action="store_true",
@@ -373,7 +412,7 @@ def command_line(args: argparse.Namespace, prog: str = PROG) -> str:
 
 
 def run(args: argparse.Namespace, prog: str = PROG) -> int:
-    """Run the selected benchmarks (unless --summary-only), then write the summary. 1 if any benchmark failed."""
+    """Run the selected benchmarks (unless --summary-only), then write the summary; 1 if any failed."""
     if args.summary_only and (args.quick or args.bf16 or args.only):
         raise ValueError("--summary-only runs no benchmark; drop --quick, --bf16 and --only")
     if not args.summary_only and Path(args.results_dir) != RESULTS:

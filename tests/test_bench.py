@@ -1,4 +1,4 @@
-"""benchmarks/run_all.py (targets, summary, runs) and the `memoryformer bench` verb, on fake results: no timing."""
+"""benchmarks/run_all.py (targets, summary, runs) and `memoryformer bench`, on fake results: no timing."""
 
 from __future__ import annotations
 
@@ -41,26 +41,35 @@ def fake_results(results: Path) -> None:
                              layer_row(2048, "fwd+bwd", 1.2), layer_row(2048, "fwd", 1.3),
                              layer_row(2048, "fwd", 0.5, d=512)], title="MemoryLayer vs nn.Linear")
     write(results, "model_tiny_fp32", [model_row(True, 0.8), model_row(False, 0.6),
-                                       model_row(False, 0.01, case="decode b=8 ctx=128")], title="mf-tiny vs pythia")
-    write(results, "precision", [{"option": "fp32", "max_rel_logit_error": 0.0, "ppl_delta": 0.0},
-                                 {"option": "bf16", "max_rel_logit_error": 3e-3, "ppl_delta": 0.01},
-                                 {"option": "bf16", "max_rel_logit_error": 5e-3, "ppl_delta": -0.02},
-                                 {"option": "int8", "max_rel_logit_error": 0.03, "ppl_delta": 0.5}])
+                                       model_row(False, 0.01, case="decode b=8 ctx=128")],
+          title="mf-tiny vs pythia")
+    write(results, "precision", [precision_row("fp32", 0.0, 0.0, None, 0.0),
+                                 precision_row("bf16-tables", 5e-3, 2e-3, 1e-2, -0.02),
+                                 precision_row("int8-tables", 1e-2, 3e-2, 2e-2, 0.5),
+                                 precision_row("int8-head", 0.5, 0.5, None, 9.0),
+                                 precision_row("int8-tables+int8-head", 0.5, 0.5, None, 9.0)])
 
 
-def by_text(rows: list[dict]) -> dict[str, dict]:
-    return {r["target"]: r for r in rows}
+def precision_row(option: str, rel_l2: float, mean: float, target: float | None, ppl_delta: float) -> dict:
+    """A row as benchmarks/precision.py writes it (memoryformer.quantize.precision_report)."""
+    return {"option": option, "rel_l2_err": rel_l2, "mean_rel_err": mean, "max_rel_err": 4 * mean,
+            "ppl_delta": ppl_delta, "ppl_delta_rel": ppl_delta / 10, "target": target,
+            "target_met": None if target is None else max(rel_l2, mean) <= target}
 
 
 def test_targets_met_and_missed(tmp_path) -> None:
     fake_results(tmp_path)
     rows = run_all.targets(run_all.load_results(tmp_path))
     assert [(r["key"], r["status"]) for r in rows] == [
-        ("a", "MET"), ("b", "MISSED"), ("b", "reported"), ("c", "MET"), ("d", "MISSED"), ("e", "MET"), ("e", "MISSED")]
-    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, 5e-3, 0.03]  # the fp32 d=1024 rows, worst bf16
+        ("a", "MET"), ("b", "MISSED"), ("b", "reported"), ("c", "MET"), ("d", "MISSED"),
+        ("e", "MET"), ("e", "MISSED")]
+    # the fp32 d = 1024 rows; the larger of rel. L2 and mean error of the tables-only rows
+    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, 5e-3, 0.03]
     assert rows[0]["measured"] == "0.2 (MemoryLayer 0.2 ms, Linear 1 ms)"
     assert rows[1]["measured"] == "0.6 (MF 6 ms, dense 10 ms)"
-    assert rows[5]["ppl_delta"] == -0.02 and "perplexity change -0.02" in rows[5]["measured"]
+    assert rows[5]["measured"] == ("rel. L2 0.005, mean 0.002 (worst position 0.008); "
+                                   "perplexity change -0.02 (-0.2%)")
+    assert rows[5]["ppl_delta"] == -0.02 and rows[6]["limit"] == 2e-2
 
 
 def test_status_boundaries() -> None:
@@ -87,11 +96,19 @@ def test_missing_files_and_rows(tmp_path) -> None:
     {"rows": [{"option": "bf16 tables", "max_rel_logit_error": 2e-3, "ppl_delta": 0.1}]},
     {"results": {"bf16": {"rel_error": 2e-3, "delta_ppl": 0.1}}},
     {"machine": MACHINE, "bf16": {"max_rel_error": 2e-3, "ppl_change": 0.1}},
-    {"rows": [{"model": "mf-tiny", "bf16_max_rel_err": 2e-3, "bf16_ppl_delta": 0.1, "int8_max_rel_err": 1.0}]},
+    {"rows": [{"model": "mf-tiny", "bf16_max_rel_err": 2e-3, "bf16_ppl_delta": 0.1,
+               "int8_max_rel_err": 1.0}]},
 ])
 def test_precision_layouts(payload) -> None:
     row = run_all.precision_target("bf16", payload)
     assert (row["value"], row["ppl_delta"], row["status"]) == (2e-3, 0.1, "MET")
+
+
+def test_precision_script_verdict_wins() -> None:
+    row = precision_row("bf16-tables", 1e-3, 1e-3, 1e-2, 0.0) | {"target_met": False}  # its own definition
+    assert run_all.precision_target("bf16", {"rows": [row]})["status"] == "MISSED"
+    row = precision_row("int8-tables", 1e-3, 3e-2, None, 0.0)  # no target recorded: the issue's 2e-2
+    assert run_all.precision_target("int8", {"rows": [row]})["status"] == "MISSED"
 
 
 def test_precision_without_errors() -> None:
@@ -109,14 +126,16 @@ def test_summary_only_writes_summary(tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["command"] == f"python benchmarks/run_all.py --summary-only --results-dir {tmp_path}"
     assert summary["machines"] == ["Test CPU, 2 threads, torch 9.9.9"] and summary["runs"] is None
-    assert [r["status"] for r in summary["targets"]] == ["MET", "MISSED", "reported", "MET", "MISSED", "MET", "MISSED"]
-    assert "Test CPU, 2 threads, torch 9.9.9" in text and summary["command"] in text and "No benchmark was run" in text
+    statuses = ["MET", "MISSED", "reported", "MET", "MISSED", "MET", "MISSED"]
+    assert [r["status"] for r in summary["targets"]] == statuses
+    assert "Test CPU, 2 threads, torch 9.9.9" in text and summary["command"] in text
+    assert "No benchmark was run" in text
     assert "| a | " in text and "| MISSED |" in text and "## Runs" not in text
     titles = [line for line in text.splitlines() if line.startswith("## ")]
     assert titles == ["## Targets", "## Sources", "## MemoryLayer vs nn.Linear", "## mf-tiny vs pythia",
-                      "## mf-demo vs pythia-demo", "## precision", "## another"]  # included, demoted, in order
+                      "## mf-demo vs pythia-demo", "## precision", "## another"]  # included, in order
     assert "summary" not in summary["sources"] and "(From [layer.md](layer.md).)" in text
-    assert run_all.main(["--summary-only", "--results-dir", str(tmp_path)]) == 0  # rebuilds from its own output
+    assert run_all.main(["--summary-only", "--results-dir", str(tmp_path)]) == 0  # ignores its own output
     assert json.loads((tmp_path / "summary.json").read_text())["targets"] == summary["targets"]
 
 
@@ -125,7 +144,8 @@ def test_failing_benchmark_reported_others_still_run(tmp_path, monkeypatch) -> N
 
     def fake_run(b: run_all.Bench, quick: bool) -> run_all.RunResult:
         calls.append((b.name, quick))
-        return run_all.RunResult(b.name, f"python {b.script}", 3 if b.name == "layer" else 0, 1.0, ["Traceback", "boom"])
+        code = 3 if b.name == "layer" else 0
+        return run_all.RunResult(b.name, f"python {b.script}", code, 1.0, ["Traceback", "boom"])
 
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     monkeypatch.setattr(run_all, "run_bench", fake_run)
@@ -147,8 +167,10 @@ def test_run_bench_subprocess(tmp_path) -> None:
     b = run_all.Bench("fails", "fails.py", ("--pair", "x"), "fails", (("--rounds", "1"),))
     result = run_all.run_bench(b, quick=False, bench_dir=bench_dir)
     assert (result.returncode, result.ok) == (3, False)
-    assert result.tail == ["computing ['--pair', 'x']"] and result.command == "python benchmarks/fails.py --pair x"
-    missing = run_all.run_bench(run_all.Bench("gone", "gone.py", (), "gone", ()), quick=False, bench_dir=bench_dir)
+    assert result.tail == ["computing ['--pair', 'x']"]
+    assert result.command == "python benchmarks/fails.py --pair x"
+    gone = run_all.Bench("gone", "gone.py", (), "gone", ())
+    missing = run_all.run_bench(gone, quick=False, bench_dir=bench_dir)
     assert not missing.ok and "does not exist" in missing.tail[0]
 
 
@@ -158,7 +180,8 @@ def test_quick_args_follow_the_scripts_flags(tmp_path) -> None:
     assert run_all.quick_args(b, "p.add_argument('--rounds', type=int)") == ["--rounds", "1"]
     assert run_all.quick_args(b, "no flags") == []
     layer = run_all.bench_command(run_all.BY_NAME["layer"], quick=True)  # reads the real layer.py's flags
-    assert layer[2:] == ["--rounds", "1", "--d", "1024", "--n", "1", "2048", "--dtypes", "fp32"]
+    assert layer[1:] == ["benchmarks/layer.py", "--rounds", "1", "--d", "1024", "--n", "1", "2048",
+                         "--dtypes", "fp32"]
     model = run_all.bench_command(run_all.BY_NAME["model_tiny"], quick=True)
     assert model[2:] == ["--pair", "tiny", "--rounds", "1", "--skip-train", "--skip-memory"]
 
@@ -167,10 +190,11 @@ def test_selection(tmp_path) -> None:
     args = argparse.Namespace(only=None, bf16=False)
     (tmp_path / "layer.py").touch()
     (tmp_path / "model.py").touch()
-    assert [b.name for b in run_all.selected(args, tmp_path)] == ["layer", "model_tiny"]  # no precision.py here
+    assert [b.name for b in run_all.selected(args, tmp_path)] == ["layer", "model_tiny"]  # no precision.py
     (tmp_path / "precision.py").touch()
     args.bf16 = True
-    assert [b.name for b in run_all.selected(args, tmp_path)] == ["layer", "model_tiny", "model_tiny_bf16", "precision"]
+    names = [b.name for b in run_all.selected(args, tmp_path)]
+    assert names == ["layer", "model_tiny", "model_tiny_bf16", "precision"]
     args.only = ["model_tiny_bf16", "layer", "layer"]
     assert [b.name for b in run_all.selected(args, tmp_path)] == ["model_tiny_bf16", "layer"]
 

@@ -1,4 +1,4 @@
-"""`memoryformer bench`: run the benchmarks and write their summary (benchmarks/run_all.py of a source checkout).
+"""`memoryformer bench`: run the benchmarks and write their summary (a source checkout's run_all.py).
 
 The benchmark scripts are not part of the installed package: this verb finds them next to `src/` and takes
 its options from run_all.py itself, so `memoryformer bench --help` lists the same options.
@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"  # src/memoryformer/commands/ -> repository root
+BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"  # src/memoryformer/commands/ -> the repo
 
 
 def run_all_path() -> Path:
     """benchmarks/run_all.py of the source checkout; FileNotFoundError when installed without it."""
     path = BENCHMARKS / "run_all.py"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the benchmarks live in the source repository, not in the "
-                                "installed package; run `memoryformer bench` from a checkout (pip install -e .)")
+        raise FileNotFoundError(f"{path} not found: the benchmarks live in the source repository, not in "
+                                "the installed package; run `memoryformer bench` from a checkout "
+                                "(pip install -e .)")
     return path
 
 
