@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,29 +22,6 @@ from memoryformer.kernels import _loader
 from memoryformer.layer import memory_hash, memory_layer
 
 ops = torch.ops.memoryformer if hasattr(torch.ops, "memoryformer") else None
-
-
-def _toolchain_missing() -> str | None:
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler ({cxx!r} not on PATH)"
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401
-        except ImportError:
-            return "ninja is not installed (torch.utils.cpp_extension needs it)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def built():
-    """Build/load the kernels once for this module; skip with the reason when impossible."""
-    missing = _toolchain_missing()
-    if missing:
-        pytest.skip(f"kernels not buildable here: {missing}")
-    if not kernels.load():
-        pytest.skip(f"kernels failed to build: {kernels.last_error()!r}")
-    return torch.ops.memoryformer
 
 
 @contextlib.contextmanager

@@ -33,6 +33,9 @@ Ops (all with fake kernels for meta tensors / torch.compile, and FLOP formulas):
                                            the same kernels without an autograd formula: used when
                                            no gradient is needed, skipping the Python autograd wrapper
     memory_layer_q8                        int8 tables with per-row scales
+    decode_block                           one whole MemoryFormer block for one decoding step (fp32):
+                                           norms, shared hash, Q/K/V, rotary, KV-cache write, attention,
+                                           Memory Block; `decode_block` below, used by MemoryFormerBlock
     _set_option(name, value) -> old        tuning knobs (algorithm, block sizes), for benchmarks
 
 Algorithms (forward; the summation order is the same in all, so results are bitwise identical):
@@ -61,8 +64,8 @@ from memoryformer.kernels._loader import last_error, load, loaded
 
 __all__ = [
     "BACKENDS", "backend", "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash",
-    "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
-    "supported", "try_memory_hash", "try_memory_layer",
+    "decode_block", "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
+    "supported", "try_decode_block", "try_memory_hash", "try_memory_layer",
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -205,6 +208,63 @@ def memory_layer_int8(
     out = torch.ops.memoryformer.memory_layer_q8(_flat(x), qtable, scales, bias, tau, weighting,
                                                  float(temperature))
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def decode_block(
+    x: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: int,
+    cos: Tensor,
+    sin: Tensor,
+    params: list[Tensor | None],
+    *,
+    rms_eps: float,
+    ln_eps: float,
+    n_heads: int,
+    tau: int,
+    tau2: int,
+    weighting: str = "prob",
+    temperature: float = 1.0,
+    gelu: bool = False,
+) -> Tensor:
+    """One MemoryFormer block (spec §4) for one new token per sequence, in one op. Inference only.
+
+    Args:
+        x: (B, d) block input, float32.
+        k_cache, v_cache: (B, H, max_len, Dh) float32; position `pos` is written, [0, pos] attended.
+        cos, sin: (rotary_dims,) rotary tables for `pos`.
+        params: [attn_norm_w, q_table, q_bias, k_table, k_bias, v_table, v_bias, mlp_norm_w,
+            ml1_table, ml1_bias, ln_w, ln_b, ml2_table, ml2_bias]; a bias may be None.
+    Returns:
+        (B, d) block output. Requires the kernels (`try_decode_block`
+        returns None instead where they do not apply).
+    """
+    _require()
+    empty = x.new_empty(0)
+    params = [empty if p is None else p for p in params]
+    return torch.ops.memoryformer.decode_block(x, k_cache, v_cache, int(pos), cos, sin, params, float(rms_eps),
+                                               float(ln_eps), n_heads, tau, tau2, weighting, float(temperature),
+                                               gelu)
+
+
+def try_decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor, sin: Tensor,
+                     params: list[Tensor | None], **options) -> Tensor | None:
+    """`decode_block(...)` when it applies (kernels on and built, no gradient needed, float32 CPU
+    tensors), else None so that the caller runs the eager block."""
+    if get_backend() == "torch" or torch.jit.is_scripting():
+        return None
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return None
+    for t in (k_cache, v_cache, *params):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad)):
+            return None
+    if not (_loader._state["ok"] or load()):
+        return None
+    return decode_block(x, k_cache, v_cache, pos, cos, sin, params, **options)
 
 
 # "auto" threshold table, from interleaved A/B timings on a 2-core Zen 3 (see the kernels report):

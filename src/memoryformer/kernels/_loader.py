@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("memory_kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "memory_kernels.cpp", HERE / "decode_kernels.cpp"]
+HEADERS = [HERE / "memory_common.h"]
 EXTENSION_NAME = "memoryformer_kernels"
 CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-Wno-psabi"]
 
@@ -45,13 +47,21 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _source_tag() -> str:
+    """Fingerprint of the C++ sources and header: a changed header must not reuse an old build."""
+    digest = hashlib.sha1()
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def cache_dir() -> Path:
     """Build directory: $MEMORYFORMER_KERNELS_CACHE or ~/.cache/memoryformer/kernels/<tag>."""
     env = os.environ.get("MEMORYFORMER_KERNELS_CACHE")
     if env:
         return Path(env)
     tag = (f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
-           f"-cpu{_cpu_tag()}")
+           f"-cpu{_cpu_tag()}-src{_source_tag()}")
     return Path.home() / ".cache" / "memoryformer" / "kernels" / tag
 
 
@@ -66,7 +76,7 @@ def _build() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     load(
         name=EXTENSION_NAME,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),

@@ -47,6 +47,10 @@ def _fake_hash_backward(grad_weights, x, tau, weighting, temperature):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _fake_decode_block(x, k_cache, v_cache, pos, cos, sin, params, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 # ---- autograd -------------------------------------------------------------------------------------
 def _flags(needs, n: int) -> list[bool]:
     return [bool(v) for v in needs] if isinstance(needs, (list, tuple)) else [bool(needs)] * n
@@ -141,6 +145,16 @@ def _register_flops() -> None:
         return 2 * passes * rows_shape[0] * rows_shape[1] * table_shape[1]
 
 
+    @register_flop_formula(ops.decode_block)
+    def _(x_shape, k_shape, v_shape, pos, cos_shape, sin_shape, params_shapes, rms_eps, ln_eps, n_heads, tau,
+          tau2, *args, out_shape=None, **kwargs) -> int:
+        b, d = x_shape
+        k1, k2 = d // tau, params_shapes[8][1] // tau2
+        gathers = k1 * 3 * d + k1 * params_shapes[8][1] + k2 * d
+        attention = 2 * d * (pos + 1)  # q.k and p.v over the pos + 1 cached positions
+        return 2 * b * (gathers + attention)
+
+
 def register_python_side() -> None:
     """Register fake kernels, autograd and FLOP formulas (idempotent)."""
     global _done
@@ -158,6 +172,7 @@ def register_python_side() -> None:
         "memory_layer_infer": _fake_memory_layer,
         "gather_sum_infer": _fake_gather_sum,
         "hash_infer": _fake_hash,
+        "decode_block": _fake_decode_block,
     }
     for name, fn in fakes.items():
         torch.library.register_fake(lib + name, fn)

@@ -1,0 +1,269 @@
+// One MemoryFormer block for one decoding step, fused into a single op (float32, CPU).
+//
+// The eager block (memoryformer/model.py, MemoryFormerBlock) runs about 60 small PyTorch ops per
+// token; at batch 1 their dispatch costs more than the few table rows they read. This op does the
+// same math in four parallel phases:
+//   1. RMSNorm, the shared hash, and the Q/K/V gathers (column segments of each table across threads)
+//   2. per (token, head): rotary on q and k, write k and v into the KV cache at `pos`, attention
+//      over positions [0, pos]
+//   3. residual, RMSNorm, hash, ML1 gather
+//   4. LayerNorm, [GeLU], hash with tau + e bits, ML2 gather, residual
+//
+// x (B, d) is the block input of B sequences at position `pos`; k_cache and v_cache
+// (B, H, max_len, Dh) are written at `pos`. params (empty tensor = no bias):
+//   [attn_norm_w (d), q_table, q_bias, k_table, k_bias, v_table, v_bias, mlp_norm_w (d),
+//    ml1_table (K1*2^tau, hidden), ml1_bias, ln_w (hidden), ln_b (hidden),
+//    ml2_table (K2*2^tau2, d), ml2_bias]
+// Returns the block output (B, d).
+
+#include "memory_common.h"
+
+namespace mf {
+
+namespace {
+
+// One gather job: out (N, d) = bias + sum_k w[n,k] table[rows[n,k]].
+struct GatherJob {
+  const int32_t* rows;
+  const float* w;
+  int64_t K;
+  Table<float> T;
+  const float* bias;
+  float* out;
+};
+
+// Run the jobs with each table's columns split into segments across threads (all N tokens per item).
+void run_gathers(const std::vector<GatherJob>& jobs, int64_t N) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::pair<int64_t, int64_t>> items;  // (job, segment start column)
+  std::vector<int64_t> seg(jobs.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const int64_t d = jobs[j].T.d;
+    int64_t s = ((d + nt - 1) / nt + VW - 1) / VW * VW;
+    seg[j] = std::max<int64_t>(VW, std::min<int64_t>(s, 1024));
+    for (int64_t c = 0; c < d; c += seg[j]) items.emplace_back(static_cast<int64_t>(j), c);
+  }
+  auto run = [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const GatherJob& g = jobs[items[i].first];
+      const int64_t c0 = items[i].second, c1 = std::min(g.T.d, c0 + seg[items[i].first]);
+      fwd_segment(g.rows, g.w, N, g.K, g.T, g.bias, g.out, c0, c1);
+    }
+  };
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (nt == 1 || n == 1) run(0, n);
+  else at::parallel_for(0, n, 1, run);
+}
+
+// GPT-NeoX RMSNorm: w * x / (sqrt(mean(x^2)) + eps).
+void rms_norm(const float* x, const float* w, int64_t d, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float inv = 1.0f / (static_cast<float>(std::sqrt(ss / d)) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// nn.LayerNorm (biased variance) then optional exact GeLU, in place.
+void layer_norm_act(float* x, const float* w, const float* b, int64_t d, float eps, bool gelu) {
+  double s = 0.0;
+  for (int64_t i = 0; i < d; ++i) s += x[i];
+  const double mean = s / d;
+  double v = 0.0;
+  for (int64_t i = 0; i < d; ++i) v += (x[i] - mean) * (x[i] - mean);
+  const float inv = static_cast<float>(1.0 / std::sqrt(v / d + eps));
+  const float m = static_cast<float>(mean);
+  for (int64_t i = 0; i < d; ++i) {
+    float y = (x[i] - m) * inv * w[i] + b[i];
+    if (gelu) y = 0.5f * y * (1.0f + std::erf(y * 0.70710678118654752f));
+    x[i] = y;
+  }
+}
+
+// GPT-NeoX rotary on the first `rot` dims of one head vector (half-split rule), in place.
+void rotary(float* x, const float* cos, const float* sin, int64_t rot) {
+  const int64_t half = rot / 2;
+  float tmp[1024];
+  for (int64_t i = 0; i < rot; ++i) tmp[i] = x[i];
+  for (int64_t i = 0; i < rot; ++i) {
+    const float r = i < half ? -tmp[i + half] : tmp[i - half];
+    x[i] = tmp[i] * cos[i] + r * sin[i];
+  }
+}
+
+// <a, b> over n floats, vectorised with two accumulators.
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc0 = vf{} + 0.f, acc1 = vf{} + 0.f;
+  int64_t j = 0;
+  for (; j + 2 * VW <= n; j += 2 * VW) {
+    acc0 += vload(a + j) * vload(b + j);
+    acc1 += vload(a + j + VW) * vload(b + j + VW);
+  }
+  for (; j + VW <= n; j += VW) acc0 += vload(a + j) * vload(b + j);
+  float s = hsum(acc0 + acc1);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Softmax attention of one query q (Dh) over S cached keys/values (S, Dh) -> out (Dh).
+void attend_one(const float* q, const float* keys, const float* values, int64_t S, int64_t Dh, float* out,
+                std::vector<float>& scores) {
+  scores.resize(static_cast<size_t>(S));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    scores[s] = dot(q, keys + s * Dh, Dh) * scale;
+    mx = std::max(mx, scores[s]);
+  }
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    scores[s] = std::exp(scores[s] - mx);
+    total += scores[s];
+  }
+  for (int64_t j = 0; j < Dh; ++j) out[j] = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    const float p = scores[s] / total;
+    const float* v = values + s * Dh;
+    for (int64_t j = 0; j < Dh; ++j) out[j] += p * v[j];
+  }
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
+
+void check_f32(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "memoryformer::decode_block: ", name, " must be a contiguous float32 CPU tensor; got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.sizes().equals(shape), "memoryformer::decode_block: ", name, " must have shape ",
+              at::IntArrayRef(shape), "; got ", t.sizes());
+}
+
+void check_bias(const at::Tensor& t, const char* name, int64_t d) {
+  if (t.numel() == 0) return;
+  check_f32(t, name, {d});
+}
+
+}  // namespace
+
+at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+                        const at::Tensor& cos_, const at::Tensor& sin_, at::TensorList params, double rms_eps,
+                        double ln_eps, int64_t n_heads, int64_t tau, int64_t tau2, c10::string_view weighting,
+                        double temperature, bool gelu) {
+  TORCH_CHECK(params.size() == 14, "memoryformer::decode_block: expected 14 parameter tensors, got ",
+              params.size());
+  TORCH_CHECK(x.dim() == 2, "memoryformer::decode_block: x must be (batch, d_model); got ", x.sizes());
+  const int64_t B = x.size(0), d = x.size(1);
+  check_f32(x, "x", {B, d});
+  TORCH_CHECK(n_heads > 0 && d % n_heads == 0, "memoryformer::decode_block: d_model=", d,
+              " is not divisible by n_heads=", n_heads);
+  const int64_t H = n_heads, Dh = d / H;
+  TORCH_CHECK(k_cache.dim() == 4, "memoryformer::decode_block: k_cache must be (B, H, max_len, Dh)");
+  const int64_t L = k_cache.size(2);
+  check_f32(k_cache, "k_cache", {B, H, L, Dh});
+  check_f32(v_cache, "v_cache", {B, H, L, Dh});
+  TORCH_CHECK(pos >= 0 && pos < L, "memoryformer::decode_block: position ", pos, " is outside the cache of ",
+              L, " positions");
+  const at::Tensor cosf = cos_.reshape({-1}), sinf = sin_.reshape({-1});
+  const int64_t rot = cosf.numel();
+  TORCH_CHECK(rot <= Dh && rot <= 1024 && rot % 2 == 0 && sinf.numel() == rot,
+              "memoryformer::decode_block: cos and sin must hold the same even number (<= head_dim, <= 1024) "
+              "of rotary dims; got ", rot, " and ", sinf.numel());
+  check_f32(cosf, "cos", {rot});
+  check_f32(sinf, "sin", {rot});
+
+  const HashSpec hs = make_spec(d, tau, weighting, temperature);
+  const at::Tensor& ml1 = params[8];
+  TORCH_CHECK(ml1.dim() == 2, "memoryformer::decode_block: ml1_table must be 2-D");
+  const int64_t hidden = ml1.size(1);
+  const HashSpec hs2 = make_spec(hidden, tau2, weighting, temperature);
+  const int64_t R = hs.K << tau, R2 = hs2.K << tau2;
+  check_f32(params[0], "attn_norm_w", {d});
+  for (int i = 1; i <= 5; i += 2) {
+    check_f32(params[i], "q/k/v table", {R, d});
+    check_bias(params[i + 1], "q/k/v bias", d);
+  }
+  check_f32(params[7], "mlp_norm_w", {d});
+  check_f32(ml1, "ml1_table", {R, hidden});
+  check_bias(params[9], "ml1_bias", hidden);
+  check_f32(params[10], "ln_w", {hidden});
+  check_f32(params[11], "ln_b", {hidden});
+  check_f32(params[12], "ml2_table", {R2, d});
+  check_bias(params[13], "ml2_bias", d);
+
+  const float* xp = x.data_ptr<float>();
+  at::Tensor y = at::empty({B, d}, x.options());
+  float* yp = y.data_ptr<float>();
+  // scratch: normed input / attention output (B, d), q k v (B, d) each, hidden (B, hidden)
+  std::vector<float> a(B * d), q(B * d), k(B * d), v(B * d), u(B * hidden), e(std::max(d, hidden));
+  std::vector<int32_t> rows(B * std::max(hs.K, hs2.K));
+  std::vector<float> w(B * std::max(hs.K, hs2.K));
+
+  // 1. RMSNorm, one hash, Q/K/V
+  for (int64_t b = 0; b < B; ++b) {
+    rms_norm(xp + b * d, params[0].data_ptr<float>(), d, static_cast<float>(rms_eps), a.data() + b * d);
+    hash_token(a.data() + b * d, hs, e.data(), rows.data() + b * hs.K, w.data() + b * hs.K);
+  }
+  std::vector<GatherJob> qkv;
+  float* outs[3] = {q.data(), k.data(), v.data()};
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& t = params[1 + 2 * i];
+    qkv.push_back({rows.data(), w.data(), hs.K, Table<float>{t.data_ptr<float>(), nullptr, R, d},
+                   ptr_or_null(params[2 + 2 * i]), outs[i]});
+  }
+  run_gathers(qkv, B);
+
+  // 2. rotary, cache write, attention per (token, head); the output overwrites `a`
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const float* cp = cosf.data_ptr<float>();
+  const float* sp = sinf.data_ptr<float>();
+  const int64_t S = pos + 1;
+  auto attend = [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      float* qh = q.data() + b * d + h * Dh;
+      float* kh = k.data() + b * d + h * Dh;
+      rotary(qh, cp, sp, rot);
+      rotary(kh, cp, sp, rot);
+      float* kbase = kc + (b * H + h) * L * Dh;
+      float* vbase = vc + (b * H + h) * L * Dh;
+      std::memcpy(kbase + pos * Dh, kh, Dh * sizeof(float));
+      std::memcpy(vbase + pos * Dh, v.data() + b * d + h * Dh, Dh * sizeof(float));
+      attend_one(qh, kbase, vbase, S, Dh, a.data() + b * d + h * Dh, scores);
+    }
+  };
+  if (B * H * S * Dh < 32768) attend(0, B * H);
+  else at::parallel_for(0, B * H, 1, attend);
+
+  // 3. residual h = x + attn (kept in y), RMSNorm, hash, ML1
+  for (int64_t b = 0; b < B; ++b) {
+    float* hb = yp + b * d;
+    for (int64_t i = 0; i < d; ++i) hb[i] = xp[b * d + i] + a[b * d + i];
+    rms_norm(hb, params[7].data_ptr<float>(), d, static_cast<float>(rms_eps), a.data() + b * d);
+    hash_token(a.data() + b * d, hs, e.data(), rows.data() + b * hs.K, w.data() + b * hs.K);
+  }
+  run_gathers({{rows.data(), w.data(), hs.K, Table<float>{ml1.data_ptr<float>(), nullptr, R, hidden},
+                ptr_or_null(params[9]), u.data()}}, B);
+
+  // 4. LayerNorm, [GeLU], hash with tau2 bits, ML2 into `a`, residual
+  for (int64_t b = 0; b < B; ++b) {
+    float* ub = u.data() + b * hidden;
+    layer_norm_act(ub, params[10].data_ptr<float>(), params[11].data_ptr<float>(), hidden,
+                   static_cast<float>(ln_eps), gelu);
+    hash_token(ub, hs2, e.data(), rows.data() + b * hs2.K, w.data() + b * hs2.K);
+  }
+  run_gathers({{rows.data(), w.data(), hs2.K, Table<float>{params[12].data_ptr<float>(), nullptr, R2, d},
+                ptr_or_null(params[13]), a.data()}}, B);
+  for (int64_t i = 0; i < B * d; ++i) yp[i] += a[i];
+  return y;
+}
+
+}  // namespace mf
+
+TORCH_LIBRARY_FRAGMENT(memoryformer, m) {
+  m.def("decode_block(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, "
+        "Tensor[] params, float rms_eps, float ln_eps, int n_heads, int tau, int tau2, str weighting, "
+        "float temperature, bool gelu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(memoryformer, CPU, m) { m.impl("decode_block", &mf::decode_block); }

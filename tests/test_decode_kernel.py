@@ -1,0 +1,186 @@
+"""The fused decode block (memoryformer::decode_block) against the eager block in float64.
+
+MemoryFormerBlock takes the fused op for one new token per sequence when no gradient is needed and
+everything is float32 on CPU; otherwise (and with the kernels off) the eager block runs. The eager
+block in float64 with the pure-PyTorch backend is the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from memoryformer import LanguageModel, ModelConfig, kernels
+from memoryformer.model import MemoryFormerBlock
+
+
+def _config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=97, n_layers=2, d_model=32, n_heads=4, max_seq_len=40, tau=4, expanding_bits=1)
+    base.update(overrides)
+    return ModelConfig(architecture="memoryformer", **base)
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial norms and biases, so every parameter of the block matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def _count_fused(monkeypatch) -> list[int]:
+    calls = [0]
+    real = kernels.decode_block
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "decode_block", counting)
+    return calls
+
+
+VARIANTS = [
+    dict(),
+    dict(memory_block_activation="gelu", weighting="l1"),
+    dict(temperature=0.6, memory_bias=False, expanding_bits=0, rotary_pct=1.0),
+    dict(n_heads=2, tau=8, d_model=48, expanding_bits=2, rotary_pct=0.5),
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_block_matches_float64_eager_block(built, overrides, batch, monkeypatch):
+    cfg = _config(**overrides)
+    torch.manual_seed(1)
+    model = LanguageModel(cfg).eval()
+    _randomise(model)
+    ref_model = copy.deepcopy(model).double()
+    idx = torch.randint(0, cfg.vocab_size, (batch, 9))
+    calls = _count_fused(monkeypatch)
+    with torch.no_grad():
+        cache = model.new_cache(batch, 12)
+        ref_cache = ref_model.new_cache(batch, 12)
+        model(idx[:, :5], cache=cache)
+        with kernels.backend("torch"):
+            ref_model(idx[:, :5], cache=ref_cache)
+        for t in range(5, 9):
+            logits, _ = model(idx[:, t:t + 1], cache=cache)
+            with kernels.backend("torch"):
+                ref_logits, _ = ref_model(idx[:, t:t + 1], cache=ref_cache)
+            torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-4, atol=1e-4)
+    assert calls[0] == 4 * cfg.n_layers
+    for layer in range(cfg.n_layers):
+        torch.testing.assert_close(cache.keys[layer][:, :, :9].double(), ref_cache.keys[layer][:, :, :9],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.values[layer][:, :, :9].double(), ref_cache.values[layer][:, :, :9],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_fused_decoding_equals_full_forward_and_generate(built, monkeypatch):
+    cfg = _config(memory_block_activation="gelu")
+    torch.manual_seed(2)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=3)
+    idx = torch.randint(0, cfg.vocab_size, (2, 14))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(2, 14)
+        steps = [model(idx[:, :1], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(1, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    calls = _count_fused(monkeypatch)
+    prompt = idx[:, :4]
+    fused = model.generate(prompt, 10, temperature=0)
+    assert calls[0] > 0
+    with kernels.backend("torch"):
+        eager = model.generate(prompt, 10, temperature=0)
+    assert torch.equal(fused, eager)
+
+
+def test_eager_block_runs_when_gradients_are_needed(built, monkeypatch):
+    cfg = _config()
+    model = LanguageModel(cfg)
+    calls = _count_fused(monkeypatch)
+    cache = model.new_cache(1, 4)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    logits, _ = model(idx, cache=cache)  # grad mode, parameters require grad: autograd must see it
+    logits.sum().backward()
+    assert calls[0] == 0 and model.blocks[0].attn.q_proj.table.grad is not None
+    with torch.no_grad():
+        model(idx, cache=cache)
+    assert calls[0] == cfg.n_layers
+    model.double()  # float64 is not a kernel dtype
+    with torch.no_grad():
+        model(idx, cache=model.new_cache(1, 4))
+    assert calls[0] == cfg.n_layers
+
+
+def test_full_cache_raises_the_eager_error(built):
+    model = LanguageModel(_config()).eval()
+    cache = model.new_cache(1, 2)
+    with torch.no_grad():
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds 2 positions"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def _op_args(cfg: ModelConfig, batch: int = 2, pos: int = 3):
+    block = MemoryFormerBlock(cfg, 0)
+    _randomise(block)
+    a, m = block.attn, block.mlp
+    params = [block.attn_norm.weight, a.q_proj.table, a.q_proj.bias, a.k_proj.table, a.k_proj.bias,
+              a.v_proj.table, a.v_proj.bias, block.mlp_norm.weight, m.ml1.table, m.ml1.bias, m.norm.weight,
+              m.norm.bias, m.ml2.table, m.ml2.bias]
+    params = [p.detach() for p in params]
+    shape = (batch, cfg.n_heads, 8, cfg.head_dim)
+    rot = cfg.rotary_dims
+    args = (torch.randn(batch, cfg.d_model), torch.randn(shape), torch.randn(shape), pos, torch.rand(rot),
+            torch.rand(rot), params, cfg.rms_norm_eps, cfg.norm_eps, cfg.n_heads, cfg.tau,
+            cfg.tau + cfg.expanding_bits, cfg.weighting, cfg.temperature, False)
+    return args
+
+
+def test_opcheck_and_meta(built):
+    cfg = _config()
+    torch.library.opcheck(torch.ops.memoryformer.decode_block, _op_args(cfg))
+    x, kc, vc, pos, cos, sin, params, *rest = _op_args(cfg)
+    meta = [t.to("meta") for t in (x, kc, vc, cos, sin)]
+    out = torch.ops.memoryformer.decode_block(meta[0], meta[1], meta[2], pos, meta[3], meta[4],
+                                              [p.to("meta") for p in params], *rest)
+    assert out.shape == x.shape and out.device.type == "meta"
+
+
+def test_flop_count(built):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = _config()
+    args = _op_args(cfg, batch=2, pos=3)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.memoryformer.decode_block(*args)
+    k1, hidden = cfg.d_model // cfg.tau, cfg.memory_hidden
+    k2 = hidden // (cfg.tau + cfg.expanding_bits)
+    expected = 2 * 2 * (k1 * 3 * cfg.d_model + k1 * hidden + k2 * cfg.d_model + 2 * cfg.d_model * 4)
+    assert counter.get_total_flops() == expected
+
+
+def test_bad_arguments_raise_clear_errors(built):
+    cfg = _config()
+    x, kc, vc, pos, cos, sin, params, *rest = _op_args(cfg)
+    op = torch.ops.memoryformer.decode_block
+    with pytest.raises(RuntimeError, match="14 parameter tensors"):
+        op(x, kc, vc, pos, cos, sin, params[:-1], *rest)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(x, kc, vc, 8, cos, sin, params, *rest)
+    with pytest.raises(RuntimeError, match="k_cache must have shape"):
+        op(x, kc[:1], vc, pos, cos, sin, params, *rest)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        op(x.double(), kc, vc, pos, cos, sin, params, *rest)
+    bad = list(params)
+    bad[12] = bad[12][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match="ml2_table must have shape"):
+        op(x, kc, vc, pos, cos, sin, bad, *rest)
