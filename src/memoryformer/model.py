@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memoryformer import kernels as _kernels
 from memoryformer.config import ModelConfig
 from memoryformer.layer import MemoryLayer
 
@@ -192,8 +193,40 @@ class MemoryFormerBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
         """(B, T, d) -> (B, T, d); standard pre-norm residuals (spec §4.1)."""
+        if cache is not None and x.shape[1] == 1:
+            fused = self._decode_step(x, rope, cache)
+            if fused is not None:
+                return fused
         h = x + self.attn(self.attn_norm(x), rope, cache)
         return h + self.mlp(self.mlp_norm(h))
+
+    def _decode_step(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache) -> Tensor | None:
+        """The same block as one fused kernel call for one new token (B, 1, d), or None when the kernels
+        do not apply (gradients, dtypes other than float32, replaced layers, kernels off or unbuilt)."""
+        attn, mlp = self.attn, self.mlp
+        layers = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.ml1, mlp.ml2)
+        if any(type(m) is not MemoryLayer for m in layers) or not isinstance(mlp.act, (nn.GELU, nn.Identity)):
+            return None
+        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate != "none":
+            return None
+        q = attn.q_proj
+        if (len({(m.weighting, m.temperature) for m in layers}) != 1 or mlp.ml1.tau != q.tau
+                or attn.k_proj.tau != q.tau or attn.v_proj.tau != q.tau or mlp.norm.weight is None
+                or mlp.norm.bias is None):
+            return None
+        keys, values = cache.keys[attn.layer], cache.values[attn.layer]
+        params = [self.attn_norm.weight, attn.q_proj.table, attn.q_proj.bias, attn.k_proj.table, attn.k_proj.bias,
+                  attn.v_proj.table, attn.v_proj.bias, self.mlp_norm.weight, mlp.ml1.table, mlp.ml1.bias,
+                  mlp.norm.weight, mlp.norm.bias, mlp.ml2.table, mlp.ml2.bias]
+        if cache.length >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write up to {cache.length + 1}")
+        y = _kernels.try_decode_block(
+            x.reshape(x.shape[0], -1), keys, values, cache.length, rope[0], rope[1], params,
+            rms_eps=self.attn_norm.eps, ln_eps=mlp.norm.eps, n_heads=attn.n_heads, tau=q.tau, tau2=mlp.ml2.tau,
+            weighting=q.weighting, temperature=q.temperature, gelu=isinstance(mlp.act, nn.GELU))
+        if y is None:
+            return None
+        return y.view_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +300,7 @@ class LanguageModel(nn.Module):
         else:
             self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._rotary_cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self._init_dense_weights()
@@ -297,13 +331,23 @@ class LanguageModel(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
-        positions = torch.arange(start, start + T, device=idx.device)
-        rope = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base, x.dtype)
+        cos, sin = self._rotary_tables(x.device, x.dtype)
+        rope = cos[start:start + T], sin[start:start + T]
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+    def _rotary_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (max_seq_len, rotary_dims), computed once per device and dtype (not saved)."""
+        key = (device, dtype)
+        tables = self._rotary_cache.get(key)
+        if tables is None:
+            positions = torch.arange(self.config.max_seq_len, device=device)
+            tables = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base, dtype)
+            self._rotary_cache[key] = tables
+        return tables
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None,
                 ignore_index: int = -100, last_logits_only: bool = False) -> tuple[Tensor, Tensor | None]:
