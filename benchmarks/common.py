@@ -19,10 +19,19 @@ def machine() -> dict:
     """CPU model, threads, torch version (memoryformer.reproduce.machine) plus allocator settings."""
     from memoryformer.reproduce import machine as base
 
-    info = {**base(), "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}}
+    prefixes = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+    info = {**base(), "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(prefixes)}}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def allocator_huge_pages(enabled: bool) -> None:
+    """Ask PyTorch's CPU allocator for 2 MiB pages on large allocations (THP_MEM_ALLOC_ENABLE), or not.
+
+    Call before the first tensor is allocated: the allocator reads the variable once. It applies to the
+    dense and the MemoryFormer side alike (see memoryformer/pages.py for why it matters)."""
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if enabled else "0"
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 5, min_time: float = 0.05,

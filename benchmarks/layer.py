@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_interleaved, write_results  # noqa: E402
+from common import allocator_huge_pages, time_interleaved, write_results  # noqa: E402
 
 from memoryformer import MemoryLayer  # noqa: E402
 
@@ -64,7 +64,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--name", default="layer", help="results file stem")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="4 KiB pages for every tensor (default: the allocator's 2 MiB pages, both layers)")
     args = parser.parse_args()
+    allocator_huge_pages(not args.no_huge_pages)
     torch.manual_seed(0)
     rows = []
     header = f"{'d':>5} {'N':>5} {'mode':>8} {'dtype':>5} {'Linear ms':>10} {'Memory ms':>10} {'ratio':>6}"
@@ -84,7 +87,9 @@ def main() -> None:
     columns = [("d", "d"), ("n", "N"), ("mode", "mode"), ("dtype", "dtype"), ("linear_ms", "Linear ms"),
                ("memory_ms", "MemoryLayer ms"), ("ratio", "ratio ML / Linear")]
     notes = ["Medians over interleaved rounds. tau = 8, K = d / 8, weighting 'prob'. N = 1 rows are cold "
-             "(rotating over >= 96 MiB of weights and fresh inputs). Ratio < 1: MemoryLayer faster."]
+             "(rotating over >= 96 MiB of weights and fresh inputs). Ratio < 1: MemoryLayer faster.",
+             "4 KiB pages (--no-huge-pages)." if args.no_huge_pages else
+             "THP_MEM_ALLOC_ENABLE=1: large tensors of both layers on 2 MiB pages."]
     paths = write_results(args.name, rows, columns, title="MemoryLayer vs nn.Linear", notes=notes)
     print("wrote", *paths)
 

@@ -21,18 +21,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_interleaved, write_results  # noqa: E402
+from common import allocator_huge_pages, time_interleaved, write_results  # noqa: E402
 
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
+from memoryformer.pages import huge_pages_available, use_huge_pages  # noqa: E402
 
 PAIRS = {"tiny": ("mf-tiny", "pythia-70m"), "demo": ("mf-demo", "pythia-demo")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(preset: str, dtype: torch.dtype, seq: int = 2048) -> LanguageModel:
+def build(preset: str, dtype: torch.dtype, seq: int = 2048, huge_pages: bool = True) -> LanguageModel:
+    """The preset's model in eval mode; large tensors moved onto 2 MiB pages (both architectures alike)."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset, max_seq_len=max(seq, ModelConfig.from_preset(preset).max_seq_len))
-    return LanguageModel(cfg).to(dtype).eval()
+    model = LanguageModel(cfg).to(dtype).eval()
+    if huge_pages:
+        use_huge_pages(model)
+    return model
 
 
 def decode_fn(model: LanguageModel, batch: int, context: int, head: bool):
@@ -86,7 +91,7 @@ def peak_rss_gb(preset: str, dtype: str, case: str) -> float:
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from model import build, decode_fn, train_fn, DTYPES
-m = build({preset!r}, DTYPES[{dtype!r}])
+m = build({preset!r}, DTYPES[{dtype!r}], huge_pages=False)  # no transient copies in the peak
 fn = decode_fn(m, 8, 1024, True) if {case!r} == "decode" else train_fn(m, 4, 512)
 fn(); fn()
 # VmHWM, not ru_maxrss: a child's ru_maxrss keeps the forking parent's high-water mark
@@ -130,14 +135,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="keep parameters on 4 KiB pages (default: both models on 2 MiB pages, see pages.py)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only (re)measure peak memory and update an existing results file")
     args = parser.parse_args()
+    allocator_huge_pages(not args.no_huge_pages)  # activations and gradients too, both models
     mf_name, dense_name = PAIRS[args.pair]
     dtype = DTYPES[args.dtype]
     if args.memory_only:
         return update_memory(args, mf_name, dense_name)
-    models = {"memoryformer": build(mf_name, dtype), "dense": build(dense_name, dtype)}
+    huge = not args.no_huge_pages and huge_pages_available()
+    models = {"memoryformer": build(mf_name, dtype, huge_pages=huge), "dense": build(dense_name, dtype, huge_pages=huge)}
     cases = []
     for batch in (1, 8):
         for context in (128, 1024):
@@ -174,7 +183,10 @@ def main() -> None:
     columns = [("case", "case"), ("head", "head incl."), ("mf_ms", f"{mf_name} ms"), ("dense_ms", f"{dense_name} ms"),
                ("ratio", "ratio MF / dense"), ("mf_tok_s", f"{mf_name} tok/s"), ("dense_tok_s", f"{dense_name} tok/s")]
     notes = [f"Parameters: {mf_name} {params['memoryformer'] / 1e6:.1f}M, {dense_name} {params['dense'] / 1e6:.1f}M. "
-             f"dtype {args.dtype}. Medians over interleaved rounds; ratio < 1: MemoryFormer faster."]
+             f"dtype {args.dtype}. Medians over interleaved rounds; ratio < 1: MemoryFormer faster.",
+             "Parameters of both models on 2 MiB pages (memoryformer.pages.use_huge_pages)." if huge else
+             "Parameters on 4 KiB pages (--no-huge-pages or no THP).",
+             "MemoryFormer decode runs the fused decode_block op (memoryformer.kernels) when the kernels are built."]
     if memory:
         notes.append(memory_note(memory))
     paths = write_results(f"model_{args.pair}_{args.dtype}", rows, columns,
