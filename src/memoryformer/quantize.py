@@ -343,12 +343,7 @@ def quantize_model(model: M, *, tables: str | None = None, head: str | None = No
 def storage_bytes(model: nn.Module) -> dict[str, int]:
     """{"tables": bytes of every Memory Layer table (+ int8 scales), "head": bytes of the head weight
     (+ scales)}; biases are not counted. Works for float and quantized models."""
-    tables = 0
-    for m in model.modules():
-        if isinstance(m, MemoryLayer):
-            tables += m.table_bytes()
-        elif isinstance(m, _QuantizedMemoryLayer):
-            tables += m.table_bytes()
+    tables = sum(m.table_bytes() for m in _memory_layers(model).values())
     head = model.head
     head_bytes = head.weight_bytes() if isinstance(head, _QuantizedLinear) else head.weight.numel() * head.weight.element_size()
     return {"tables": tables, "head": head_bytes}
