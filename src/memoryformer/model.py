@@ -202,31 +202,36 @@ class MemoryFormerBlock(nn.Module):
 
     def _decode_step(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache) -> Tensor | None:
         """The same block as one fused kernel call for one new token (B, 1, d), or None when the kernels
-        do not apply (gradients, dtypes other than float32, replaced layers, kernels off or unbuilt)."""
-        attn, mlp = self.attn, self.mlp
-        layers = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.ml1, mlp.ml2)
-        if any(type(m) is not MemoryLayer for m in layers) or not isinstance(mlp.act, (nn.GELU, nn.Identity)):
+        do not apply (gradients, dtypes other than float32, replaced layers, kernels off or unbuilt).
+
+        Runs once per block and token, so submodules and parameters are read from `_modules` and
+        `_parameters` directly (nn.Module.__getattr__ costs about 1 us per lookup)."""
+        attn, mlp = self._modules["attn"], self._modules["mlp"]
+        q, k, v = attn._modules["q_proj"], attn._modules["k_proj"], attn._modules["v_proj"]
+        ml1, norm, act, ml2 = (mlp._modules[name] for name in ("ml1", "norm", "act", "ml2"))
+        if not (type(q) is type(k) is type(v) is type(ml1) is type(ml2) is MemoryLayer):
+            return None  # e.g. quantized layers: the eager block runs them
+        gelu = type(act) is nn.GELU and act.approximate == "none"
+        if not (gelu or type(act) is nn.Identity) or type(norm) is not nn.LayerNorm:
             return None
-        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate != "none":
+        hash_spec = (q.tau, q.weighting, q.temperature)
+        if (any((m.tau, m.weighting, m.temperature) != hash_spec for m in (k, v, ml1))
+                or (ml2.weighting, ml2.temperature) != hash_spec[1:]):
             return None
-        q = attn.q_proj
-        if (len({(m.weighting, m.temperature) for m in layers}) != 1 or mlp.ml1.tau != q.tau
-                or attn.k_proj.tau != q.tau or attn.v_proj.tau != q.tau or mlp.norm.weight is None
-                or mlp.norm.bias is None):
-            return None
-        keys, values = cache.keys[attn.layer], cache.values[attn.layer]
-        params = [self.attn_norm.weight, attn.q_proj.table, attn.q_proj.bias, attn.k_proj.table, attn.k_proj.bias,
-                  attn.v_proj.table, attn.v_proj.bias, self.mlp_norm.weight, mlp.ml1.table, mlp.ml1.bias,
-                  mlp.norm.weight, mlp.norm.bias, mlp.ml2.table, mlp.ml2.bias]
+        p = [m._parameters for m in (self._modules["attn_norm"], q, k, v, self._modules["mlp_norm"], ml1, norm, ml2)]
+        params = [p[0]["weight"], p[1]["table"], p[1].get("bias"), p[2]["table"], p[2].get("bias"), p[3]["table"],
+                  p[3].get("bias"), p[4]["weight"], p[5]["table"], p[5].get("bias"), p[6].get("weight"),
+                  p[6].get("bias"), p[7]["table"], p[7].get("bias")]
+        if params[10] is None or params[11] is None:
+            return None  # LayerNorm without affine parameters
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write up to {cache.length + 1}")
+        layer = attn.layer
         y = _kernels.try_decode_block(
-            x.reshape(x.shape[0], -1), keys, values, cache.length, rope[0], rope[1], params,
-            rms_eps=self.attn_norm.eps, ln_eps=mlp.norm.eps, n_heads=attn.n_heads, tau=q.tau, tau2=mlp.ml2.tau,
-            weighting=q.weighting, temperature=q.temperature, gelu=isinstance(mlp.act, nn.GELU))
-        if y is None:
-            return None
-        return y.view_as(x)
+            x.view(x.shape[0], -1), cache.keys[layer], cache.values[layer], cache.length, rope[0], rope[1], params,
+            rms_eps=self._modules["attn_norm"].eps, ln_eps=norm.eps, n_heads=attn.n_heads, tau=q.tau,
+            tau2=ml2.tau, weighting=q.weighting, temperature=q.temperature, gelu=gelu)
+        return None if y is None else y.view_as(x)
 
 
 # ---------------------------------------------------------------------------------------------

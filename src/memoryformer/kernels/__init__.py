@@ -254,16 +254,19 @@ def try_decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos:
     tensors), else None so that the caller runs the eager block."""
     if get_backend() == "torch" or torch.jit.is_scripting():
         return None
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    f32 = torch.float32
+    if x.dtype != f32 or not x.is_cpu:
         return None
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
         return None
     for t in (k_cache, v_cache, *params):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad)):
+        if t is not None and (t.dtype != f32 or not t.is_cpu or (grad and t.requires_grad)):
             return None
     if not (_loader._state["ok"] or load()):
         return None
+    if not x.is_contiguous():
+        x = x.contiguous()
     return decode_block(x, k_cache, v_cache, pos, cos, sin, params, **options)
 
 
