@@ -6,6 +6,7 @@ Cases, each timed in the same process with the two models alternating (medians o
   decode   one new token per sequence, batch 1 and 8, after a 128- or 1024-token context (KV cache)
   prefill  512 tokens, batch 1
   train    one AdamW step (forward, backward, optimizer), batch 4 x 512 tokens
+  decode with the LM head in bf16 or int8 (memoryformer.quantize), both models alike
 "head excluded" runs embedding, blocks and final norm only. Peak memory (RSS) of decode and of a training
 step is measured per model in a fresh subprocess. Writes benchmarks/results/model_<pair>_<dtype>.json/.md.
 """
@@ -25,6 +26,7 @@ from common import allocator_huge_pages, time_interleaved, write_results  # noqa
 
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
 from memoryformer.pages import huge_pages_available, use_huge_pages  # noqa: E402
+from memoryformer.quantize import quantize_model  # noqa: E402
 
 PAIRS = {"tiny": ("mf-tiny", "pythia-70m"), "demo": ("mf-demo", "pythia-demo")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-head-variants", action="store_true", help="no bf16 / int8 LM head cases")
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="keep parameters on 4 KiB pages (default: both models on 2 MiB pages, see pages.py)")
     parser.add_argument("--memory-only", action="store_true",
@@ -155,6 +158,12 @@ def main() -> None:
                               {k: decode_fn(m, batch, context, head) for k, m in models.items()}, head))
     for head in (True, False):
         cases.append(("prefill 512", "tok/s", 512, {k: prefill_fn(m, 512, head) for k, m in models.items()}, head))
+    if not args.skip_head_variants:  # the LM head in lower precision (accuracy: benchmarks/precision.py)
+        for kind, batches in (("bf16", (1, 8)), ("int8", (1,))):
+            quantized = {k: quantize_model(m, head=kind) for k, m in models.items()}
+            for batch in batches:
+                cases.append((f"decode b={batch} ctx=128, {kind} head", "tok/s", batch,
+                              {k: decode_fn(m, batch, 128, True) for k, m in quantized.items()}, True))
     rows = []
     print(f"{'case':<24} {'head':>5} {'MF ms':>9} {'dense ms':>9} {'ratio':>6}")
     for name, _unit, tokens, fns, head in cases:

@@ -375,7 +375,7 @@ class LanguageModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` (default max_seq_len) positions."""
         cfg = self.config
-        ref = self.head.weight
+        ref = self.embed.weight  # the activations' device and dtype (the head may be quantized)
         return KVCache(cfg.n_layers, batch_size, cfg.n_heads, max_len or cfg.max_seq_len, cfg.head_dim,
                        device=ref.device, dtype=dtype or ref.dtype)
 
