@@ -153,9 +153,9 @@ TARGETS = (
 # time fields of layer and model rows: (ours, dense, our label, dense label)
 TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"))
 PRECISION_LIMITS = {"bf16": 1e-2, "int8": 2e-2}
-OPTION_KEYS = ("option", "tables", "table_dtype", "dtype", "format", "storage", "name", "case")
-ERROR_KEYS = ("max_rel_logit_error", "max_rel_error", "rel_logit_error", "rel_error", "relative_error")
-PPL_KEYS = ("ppl_delta", "delta_ppl", "ppl_change", "ppl_diff", "ppl_rel_delta")
+# precision.json fields (memoryformer.quantize.precision_report): what each error measures
+PRECISION_ERRORS = (("layer_rel_err", "one Memory Layer (fp32 model's inputs)"),
+                    ("rel_l2_err", "whole-model logits, relative L2 (incl. hash flips downstream)"))
 
 
 def status(value: float | None, limit: float | None) -> str:
@@ -193,82 +193,27 @@ def ratio_target(t: Target, payload: dict | None) -> dict:
             "status": status(value, t.limit), "source": f"{t.stem}.json"}
 
 
-def precision_rows(payload: dict) -> list[dict]:
-    """precision.json's per-option rows, whatever its layout: a list under rows/results, a dict of dicts."""
-    for key in ("rows", "results", "options"):
-        rows = payload.get(key)
-        if isinstance(rows, list):
-            return [r for r in rows if isinstance(r, dict)]
-        if isinstance(rows, dict):
-            return [{"option": k, **v} for k, v in rows.items() if isinstance(v, dict)]
-    return [{"option": k, **v} for k, v in payload.items() if isinstance(v, dict) and k != "machine"]
-
-
-def _first(row: dict, exact: tuple[str, ...], words: tuple[str, ...],
-           any_of: tuple[str, ...] = ()) -> float | None:
-    """The number under the first of `exact`, else the first key with all `words` (and one of any_of)."""
-    for k in exact:
-        if _number(row.get(k)) is not None:
-            return _number(row[k])
-    for k, v in row.items():
-        low = k.lower()
-        wanted = all(w in low for w in words) and (not any_of or any(w in low for w in any_of))
-        if wanted and _number(v) is not None:
-            return _number(v)
-    return None
-
-
-def precision_target(kind: str, payload: dict | None) -> dict:
-    """The `kind`-tables row of precision.json: its relative logit error, verdict and perplexity change.
-
-    precision.py's rows (option "bf16-tables", rel_l2_err, mean_rel_err, target_met, ppl_delta) are read as
-    that script defines its target: met when the relative L2 and the mean per-position error are both within
-    it. Other layouts: the worst relative error over the rows naming `kind` tables (not a head)."""
+def precision_targets(kind: str, payload: dict | None) -> list[dict]:
+    """Target rows for `kind` tables from precision.json's "<kind>-tables" row: the relative error of one
+    Memory Layer and of the whole model's logits, each against the issue's limit, perplexity change noted."""
     limit = PRECISION_LIMITS[kind]
-    base = {"key": "e", "target": f"{kind} tables: relative logit error (perplexity change reported)",
-            "limit": limit, "source": "precision.json"}
-    if payload is None:
-        return {**base, "value": None, "measured": "no precision.json", "status": status(None, limit)}
-    rows = precision_rows(payload)
-    own = next((r for r in rows if r.get("option") == f"{kind}-tables"), None)
-    if own is not None and all(_number(own.get(k)) is not None for k in ("rel_l2_err", "mean_rel_err")):
-        return precision_script_row(kind, own, base)
-    worst: tuple[float, float | None] | None = None
-    for row in rows:
-        option = " ".join(str(row.get(k, "")) for k in OPTION_KEYS if isinstance(row.get(k), str)).lower()
-        if kind in option and "head" not in option:
-            err = _first(row, ERROR_KEYS, ("rel", "err"))
-            ppl = _first(row, PPL_KEYS, ("ppl",), ("delta", "change", "diff"))
-        else:  # a wide row: bf16_rel_error, int8_ppl_delta, ...
-            err = _first(row, (), (kind, "rel", "err"))
-            ppl = _first(row, (), (kind, "ppl"), ("delta", "change", "diff"))
-        if err is not None and (worst is None or err > worst[0]):
-            worst = (err, ppl)
-    if worst is None:
-        return {**base, "value": None, "measured": f"no {kind} row with a relative error",
-                "status": status(None, limit)}
-    err, ppl = worst
-    measured = f"{err:.2g}" + ("" if ppl is None else f"; perplexity change {ppl:+.3g}")
-    return {**base, "value": err, "measured": measured, "status": status(err, limit), "ppl_delta": ppl}
-
-
-def precision_script_row(kind: str, row: dict, base: dict) -> dict:
-    """A target row from precision.py's own row for `kind` tables (its target and verdict when present)."""
-    limit = _number(row.get("target")) or base["limit"]
-    value = max(row["rel_l2_err"], row["mean_rel_err"])
-    verdict = row.get("target_met")
-    measured = f"rel. L2 {row['rel_l2_err']:.2g}, mean {row['mean_rel_err']:.2g}"
-    if _number(row.get("max_rel_err")) is not None:
-        measured += f" (worst position {row['max_rel_err']:.2g})"
-    ppl = _number(row.get("ppl_delta"))
-    if ppl is not None:
-        measured += f"; perplexity change {ppl:+.3g}"
-        if _number(row.get("ppl_delta_rel")) is not None:
-            measured += f" ({100 * row['ppl_delta_rel']:+.2g}%)"
-    return {**base, "target": f"{kind} tables: relative logit error, L2 and mean per position "
-                              "(perplexity change reported)",
-            "limit": limit, "value": value, "measured": measured, "ppl_delta": ppl,
-            "status": ("MET" if verdict else "MISSED") if isinstance(verdict, bool) else status(value, limit)}
+    row = find_row(payload, {"option": f"{kind}-tables"})
+    ppl, ppl_rel = (_number(row.get("ppl_delta")), _number(row.get("ppl_delta_rel"))) if row else (None, None)
+    out = []
+    for key, what in PRECISION_ERRORS:
+        value = _number(row.get(key)) if row else None
+        if payload is None:
+            measured = "no precision.json"
+        elif value is None:
+            measured = f"no {key} in a {kind}-tables row"
+        else:
+            measured = f"{value:.2g}"
+            if ppl is not None:
+                measured += f"; perplexity change {ppl:+.3g}" + ("" if ppl_rel is None else f" ({100 * ppl_rel:+.2g}%)")
+        out.append({"key": "e", "target": f"{kind} tables: relative error, {what}", "limit": limit,
+                    "value": value, "measured": measured, "status": status(value, limit), "ppl_delta": ppl,
+                    "source": "precision.json"})
+    return out
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
@@ -289,7 +234,7 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 
 def targets(results: dict[str, dict]) -> list[dict]:
     rows = [ratio_target(t, results.get(t.stem)) for t in TARGETS]
-    return rows + [precision_target(kind, results.get("precision")) for kind in PRECISION_LIMITS]
+    return rows + [r for kind in PRECISION_LIMITS for r in precision_targets(kind, results.get("precision"))]
 
 
 # ---- the summary ----------------------------------------------------------------------------------------
