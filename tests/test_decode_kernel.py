@@ -140,7 +140,7 @@ def _op_args(cfg: ModelConfig, batch: int = 2, pos: int = 3):
     shape = (batch, cfg.n_heads, 8, cfg.head_dim)
     rot = cfg.rotary_dims
     args = (torch.randn(batch, cfg.d_model), torch.randn(shape), torch.randn(shape), pos, torch.rand(rot),
-            torch.rand(rot), params, cfg.rms_norm_eps, cfg.norm_eps, cfg.n_heads, cfg.tau,
+            torch.rand(rot), params, [], cfg.rms_norm_eps, cfg.norm_eps, cfg.n_heads, cfg.tau,
             cfg.tau + cfg.expanding_bits, cfg.weighting, cfg.temperature, False)
     return args
 
@@ -148,10 +148,10 @@ def _op_args(cfg: ModelConfig, batch: int = 2, pos: int = 3):
 def test_opcheck_and_meta(built):
     cfg = _config()
     torch.library.opcheck(torch.ops.memoryformer.decode_block, _op_args(cfg))
-    x, kc, vc, pos, cos, sin, params, *rest = _op_args(cfg)
+    x, kc, vc, pos, cos, sin, params, scales, *rest = _op_args(cfg)
     meta = [t.to("meta") for t in (x, kc, vc, cos, sin)]
     out = torch.ops.memoryformer.decode_block(meta[0], meta[1], meta[2], pos, meta[3], meta[4],
-                                              [p.to("meta") for p in params], *rest)
+                                              [p.to("meta") for p in params], scales, *rest)
     assert out.shape == x.shape and out.device.type == "meta"
 
 
@@ -170,17 +170,62 @@ def test_flop_count(built):
 
 def test_bad_arguments_raise_clear_errors(built):
     cfg = _config()
-    x, kc, vc, pos, cos, sin, params, *rest = _op_args(cfg)
+    x, kc, vc, pos, cos, sin, params, scales, *rest = _op_args(cfg)
     op = torch.ops.memoryformer.decode_block
     with pytest.raises(RuntimeError, match="14 parameter tensors"):
-        op(x, kc, vc, pos, cos, sin, params[:-1], *rest)
+        op(x, kc, vc, pos, cos, sin, params[:-1], scales, *rest)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        op(x, kc, vc, 8, cos, sin, params, *rest)
+        op(x, kc, vc, 8, cos, sin, params, scales, *rest)
     with pytest.raises(RuntimeError, match="k_cache must have shape"):
-        op(x, kc[:1], vc, pos, cos, sin, params, *rest)
+        op(x, kc[:1], vc, pos, cos, sin, params, scales, *rest)
     with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
-        op(x.double(), kc, vc, pos, cos, sin, params, *rest)
+        op(x.double(), kc, vc, pos, cos, sin, params, scales, *rest)
     bad = list(params)
     bad[12] = bad[12][:, :-1].contiguous()
     with pytest.raises(RuntimeError, match="ml2_table must have shape"):
-        op(x, kc, vc, pos, cos, sin, bad, *rest)
+        op(x, kc, vc, pos, cos, sin, bad, scales, *rest)
+    with pytest.raises(RuntimeError, match="no scales or 5"):
+        op(x, kc, vc, pos, cos, sin, params, [torch.ones(3)], *rest)
+    int8 = list(params)
+    int8[1] = torch.zeros(params[1].shape, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="needs per-row scales"):
+        op(x, kc, vc, pos, cos, sin, int8, scales, *rest)
+    empty = torch.empty(0)
+    with pytest.raises(RuntimeError, match="scales are for int8 tables only"):
+        op(x, kc, vc, pos, cos, sin, params, [torch.ones(params[1].shape[0])] + [empty] * 4, *rest)
+
+
+@pytest.mark.parametrize("tables", ["bf16", "int8"])
+def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(built, tables, monkeypatch):
+    """A quantize_model copy decodes through the fused op; its reference is the same model with the
+    stored tables dequantised to float64 (scales folded in), run by the eager float64 block."""
+    from memoryformer.quantize import quantize_model
+
+    cfg = _config(memory_block_activation="gelu", expanding_bits=2)
+    torch.manual_seed(4)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=5)
+    qmodel = quantize_model(model, tables=tables)
+    reference = copy.deepcopy(model).double()
+    ref_layers = dict(reference.named_modules())
+    quantized = [(n, m) for n, m in qmodel.named_modules() if getattr(type(m), "fused_decode", False)]
+    assert len(quantized) == 5 * cfg.n_layers
+    for name, qlayer in quantized:
+        layer = ref_layers[name]
+        scales = getattr(qlayer, "scales", None)
+        table = qlayer.table.double() * (1.0 if scales is None else scales.double()[:, None])
+        with torch.no_grad():
+            layer.table.copy_(table)
+    calls = _count_fused(monkeypatch)
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    cache, ref_cache = qmodel.new_cache(2, 8), reference.new_cache(2, 8)
+    with torch.no_grad():
+        qmodel(idx[:, :4], cache=cache)
+        with kernels.backend("torch"):
+            reference(idx[:, :4], cache=ref_cache)
+        for t in range(4, 8):
+            logits, _ = qmodel(idx[:, t:t + 1], cache=cache)
+            with kernels.backend("torch"):
+                ref_logits, _ = reference(idx[:, t:t + 1], cache=ref_cache)
+            torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-4, atol=1e-4)
+    assert calls[0] == 4 * cfg.n_layers

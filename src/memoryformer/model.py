@@ -209,8 +209,9 @@ class MemoryFormerBlock(nn.Module):
         attn, mlp = self._modules["attn"], self._modules["mlp"]
         q, k, v = attn._modules["q_proj"], attn._modules["k_proj"], attn._modules["v_proj"]
         ml1, norm, act, ml2 = (mlp._modules[name] for name in ("ml1", "norm", "act", "ml2"))
-        if not (type(q) is type(k) is type(v) is type(ml1) is type(ml2) is MemoryLayer):
-            return None  # e.g. quantized layers: the eager block runs them
+        tables = [_decode_tables(m) for m in (q, k, v, ml1, ml2)]
+        if any(t is None for t in tables):
+            return None
         gelu = type(act) is nn.GELU and act.approximate == "none"
         if not (gelu or type(act) is nn.Identity) or type(norm) is not nn.LayerNorm:
             return None
@@ -218,10 +219,10 @@ class MemoryFormerBlock(nn.Module):
         if (any((m.tau, m.weighting, m.temperature) != hash_spec for m in (k, v, ml1))
                 or (ml2.weighting, ml2.temperature) != hash_spec[1:]):
             return None
-        p = [m._parameters for m in (self._modules["attn_norm"], q, k, v, self._modules["mlp_norm"], ml1, norm, ml2)]
-        params = [p[0]["weight"], p[1]["table"], p[1].get("bias"), p[2]["table"], p[2].get("bias"), p[3]["table"],
-                  p[3].get("bias"), p[4]["weight"], p[5]["table"], p[5].get("bias"), p[6].get("weight"),
-                  p[6].get("bias"), p[7]["table"], p[7].get("bias")]
+        (tq, bq, sq), (tk, bk, sk), (tv, bv, sv), (t1, b1, s1), (t2, b2, s2) = tables
+        ln = norm._parameters
+        params = [self._modules["attn_norm"]._parameters["weight"], tq, bq, tk, bk, tv, bv,
+                  self._modules["mlp_norm"]._parameters["weight"], t1, b1, ln.get("weight"), ln.get("bias"), t2, b2]
         if params[10] is None or params[11] is None:
             return None  # LayerNorm without affine parameters
         if cache.length >= cache.max_len:
@@ -230,8 +231,20 @@ class MemoryFormerBlock(nn.Module):
         y = _kernels.try_decode_block(
             x.view(x.shape[0], -1), cache.keys[layer], cache.values[layer], cache.length, rope[0], rope[1], params,
             rms_eps=self._modules["attn_norm"].eps, ln_eps=norm.eps, n_heads=attn.n_heads, tau=q.tau,
-            tau2=ml2.tau, weighting=q.weighting, temperature=q.temperature, gelu=gelu)
+            tau2=ml2.tau, weighting=q.weighting, temperature=q.temperature, gelu=gelu, scales=[sq, sk, sv, s1, s2])
         return None if y is None else y.view_as(x)
+
+
+def _decode_tables(m: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """(table, bias, scales) of a Memory Layer the fused decode op can read, else None: a float32
+    MemoryLayer, or a bf16 / int8 inference layer of memoryformer.quantize (sums in float32 both ways)."""
+    if type(m) is MemoryLayer:
+        p = m._parameters
+        return (p["table"], p.get("bias"), None) if p["table"].dtype == torch.float32 else None
+    if getattr(type(m), "fused_decode", False):
+        b = m._buffers
+        return b["table"], b.get("bias"), b.get("scales")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class _QuantizedMemoryLayer(nn.Module):
     bias (out,) float32 or None."""
 
     precision = ""
+    fused_decode = True  # memoryformer.model's fused decode op reads table, bias (and scales) directly
 
     def __init__(self, layer: MemoryLayer) -> None:
         super().__init__()

@@ -219,6 +219,7 @@ def decode_block(
     sin: Tensor,
     params: list[Tensor | None],
     *,
+    scales: list[Tensor | None] | None = None,
     rms_eps: float,
     ln_eps: float,
     n_heads: int,
@@ -235,23 +236,30 @@ def decode_block(
         k_cache, v_cache: (B, H, max_len, Dh) float32; position `pos` is written, [0, pos] attended.
         cos, sin: (rotary_dims,) rotary tables for `pos`.
         params: [attn_norm_w, q_table, q_bias, k_table, k_bias, v_table, v_bias, mlp_norm_w,
-            ml1_table, ml1_bias, ln_w, ln_b, ml2_table, ml2_bias]; a bias may be None.
+            ml1_table, ml1_bias, ln_w, ln_b, ml2_table, ml2_bias]; a bias may be None. Tables are
+            float32, bfloat16, or int8 with per-row scales; everything else float32.
+        scales: None, or the (R,) float32 scales of the q, k, v, ml1, ml2 tables (None where not int8).
     Returns:
-        (B, d) block output. Requires the kernels (`try_decode_block`
+        (B, d) float32 block output, every sum in float32. Requires the kernels (`try_decode_block`
         returns None instead where they do not apply).
     """
     _require()
     empty = x.new_empty(0)
     params = [empty if p is None else p for p in params]
-    return torch.ops.memoryformer.decode_block(x, k_cache, v_cache, int(pos), cos, sin, params, float(rms_eps),
-                                               float(ln_eps), n_heads, tau, tau2, weighting, float(temperature),
-                                               gelu)
+    scales = [] if scales is None or all(s is None for s in scales) else [empty if s is None else s for s in scales]
+    return torch.ops.memoryformer.decode_block(x, k_cache, v_cache, int(pos), cos, sin, params, scales,
+                                               float(rms_eps), float(ln_eps), n_heads, tau, tau2, weighting,
+                                               float(temperature), gelu)
+
+
+_TABLE_SLOTS = (1, 3, 5, 8, 12)  # the positions of the tables in decode_block's params
+_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 def try_decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor, sin: Tensor,
                      params: list[Tensor | None], **options) -> Tensor | None:
-    """`decode_block(...)` when it applies (kernels on and built, no gradient needed, float32 CPU
-    tensors), else None so that the caller runs the eager block."""
+    """`decode_block(...)` when it applies (kernels on and built, no gradient needed, CPU tensors of the
+    supported dtypes), else None so that the caller runs the eager block."""
     if get_backend() == "torch" or torch.jit.is_scripting():
         return None
     f32 = torch.float32
@@ -260,8 +268,11 @@ def try_decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos:
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
         return None
-    for t in (k_cache, v_cache, *params):
-        if t is not None and (t.dtype != f32 or not t.is_cpu or (grad and t.requires_grad)):
+    for i, t in enumerate((k_cache, v_cache, *params, *(options.get("scales") or ()))):
+        if t is None:
+            continue
+        ok_dtype = t.dtype in _TABLE_DTYPES if i - 2 in _TABLE_SLOTS else t.dtype == f32
+        if not ok_dtype or not t.is_cpu or (grad and t.requires_grad):
             return None
     if not (_loader._state["ok"] or load()):
         return None

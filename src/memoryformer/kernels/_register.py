@@ -146,8 +146,8 @@ def _register_flops() -> None:
 
 
     @register_flop_formula(ops.decode_block)
-    def _(x_shape, k_shape, v_shape, pos, cos_shape, sin_shape, params_shapes, rms_eps, ln_eps, n_heads, tau,
-          tau2, *args, out_shape=None, **kwargs) -> int:
+    def _(x_shape, k_shape, v_shape, pos, cos_shape, sin_shape, params_shapes, scales_shapes, rms_eps, ln_eps,
+          n_heads, tau, tau2, *args, out_shape=None, **kwargs) -> int:
         b, d = x_shape
         k1, k2 = d // tau, params_shapes[8][1] // tau2
         gathers = k1 * 3 * d + k1 * params_shapes[8][1] + k2 * d

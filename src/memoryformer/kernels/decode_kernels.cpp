@@ -14,6 +14,8 @@
 //   [attn_norm_w (d), q_table, q_bias, k_table, k_bias, v_table, v_bias, mlp_norm_w (d),
 //    ml1_table (K1*2^tau, hidden), ml1_bias, ln_w (hidden), ln_b (hidden),
 //    ml2_table (K2*2^tau2, d), ml2_bias]
+// Tables may be float32, bfloat16 or int8; `scales` is empty or holds the (R,) per-row scales of the
+// q, k, v, ml1, ml2 tables (an empty tensor for a table that is not int8). Sums are float32.
 // Returns the block output (B, d).
 
 #include "memory_common.h"
@@ -22,15 +24,32 @@ namespace mf {
 
 namespace {
 
-// One gather job: out (N, d) = bias + sum_k w[n,k] table[rows[n,k]].
+// One gather job: out (N, d) = bias + sum_k w[n,k] scale[row] table[rows[n,k]], the table float32,
+// bfloat16, or int8 with per-row scales.
 struct GatherJob {
   const int32_t* rows;
   const float* w;
   int64_t K;
-  Table<float> T;
+  const at::Tensor* table;
+  const float* scales;  // int8 only
   const float* bias;
   float* out;
 };
+
+void gather_segment(const GatherJob& g, int64_t N, int64_t c0, int64_t c1) {
+  const int64_t R = g.table->size(0), d = g.table->size(1);
+  switch (g.table->scalar_type()) {
+    case at::kFloat:
+      fwd_segment(g.rows, g.w, N, g.K, Table<float>{g.table->data_ptr<float>(), nullptr, R, d}, g.bias, g.out, c0, c1);
+      break;
+    case at::kBFloat16:
+      fwd_segment(g.rows, g.w, N, g.K, Table<bf16>{g.table->data_ptr<bf16>(), nullptr, R, d}, g.bias, g.out, c0, c1);
+      break;
+    default:
+      fwd_segment(g.rows, g.w, N, g.K, Table<int8_t>{g.table->data_ptr<int8_t>(), g.scales, R, d}, g.bias, g.out,
+                  c0, c1);
+  }
+}
 
 // Run the jobs with each table's columns split into segments across threads (all N tokens per item).
 void run_gathers(const std::vector<GatherJob>& jobs, int64_t N) {
@@ -38,7 +57,7 @@ void run_gathers(const std::vector<GatherJob>& jobs, int64_t N) {
   std::vector<std::pair<int64_t, int64_t>> items;  // (job, segment start column)
   std::vector<int64_t> seg(jobs.size());
   for (size_t j = 0; j < jobs.size(); ++j) {
-    const int64_t d = jobs[j].T.d;
+    const int64_t d = jobs[j].table->size(1);
     int64_t s = ((d + nt - 1) / nt + VW - 1) / VW * VW;
     seg[j] = std::max<int64_t>(VW, std::min<int64_t>(s, 1024));
     for (int64_t c = 0; c < d; c += seg[j]) items.emplace_back(static_cast<int64_t>(j), c);
@@ -46,8 +65,8 @@ void run_gathers(const std::vector<GatherJob>& jobs, int64_t N) {
   auto run = [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const GatherJob& g = jobs[items[i].first];
-      const int64_t c0 = items[i].second, c1 = std::min(g.T.d, c0 + seg[items[i].first]);
-      fwd_segment(g.rows, g.w, N, g.K, g.T, g.bias, g.out, c0, c1);
+      const int64_t c0 = items[i].second, c1 = std::min(g.table->size(1), c0 + seg[items[i].first]);
+      gather_segment(g, N, c0, c1);
     }
   };
   const int64_t n = static_cast<int64_t>(items.size());
@@ -128,6 +147,7 @@ void attend_one(const float* q, const float* keys, const float* values, int64_t 
 }
 
 const float* ptr_or_null(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
+const float* ptr_or_null(at::TensorList ts, size_t i) { return ts.empty() ? nullptr : ptr_or_null(ts[i]); }
 
 void check_f32(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
@@ -135,6 +155,23 @@ void check_f32(const at::Tensor& t, const char* name, std::initializer_list<int6
               t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.sizes().equals(shape), "memoryformer::decode_block: ", name, " must have shape ",
               at::IntArrayRef(shape), "; got ", t.sizes());
+}
+
+// A table: float32, bfloat16, or int8 with (R,) float32 scales (an empty scales tensor: none).
+void check_table(const at::Tensor& t, const at::Tensor& scales, const char* name, int64_t R, int64_t d) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && (st == at::kFloat || st == at::kBFloat16 || st == at::kChar),
+              "memoryformer::decode_block: ", name, " must be a contiguous float32, bfloat16 or int8 CPU tensor; got ",
+              st, " on ", t.device());
+  TORCH_CHECK(t.sizes().equals({R, d}), "memoryformer::decode_block: ", name, " must have shape ",
+              at::IntArrayRef({R, d}), "; got ", t.sizes());
+  const bool scaled = scales.defined() && scales.numel() > 0;
+  if (st == at::kChar) {
+    TORCH_CHECK(scaled, "memoryformer::decode_block: int8 ", name, " needs per-row scales");
+    check_f32(scales, "scales", {R});
+  } else {
+    TORCH_CHECK(!scaled, "memoryformer::decode_block: scales are for int8 tables only (", name, ")");
+  }
 }
 
 void check_bias(const at::Tensor& t, const char* name, int64_t d) {
@@ -145,11 +182,16 @@ void check_bias(const at::Tensor& t, const char* name, int64_t d) {
 }  // namespace
 
 at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
-                        const at::Tensor& cos_, const at::Tensor& sin_, at::TensorList params, double rms_eps,
+                        const at::Tensor& cos_, const at::Tensor& sin_, at::TensorList params,
+                        at::TensorList scales, double rms_eps,
                         double ln_eps, int64_t n_heads, int64_t tau, int64_t tau2, c10::string_view weighting,
                         double temperature, bool gelu) {
   TORCH_CHECK(params.size() == 14, "memoryformer::decode_block: expected 14 parameter tensors, got ",
               params.size());
+  TORCH_CHECK(scales.empty() || scales.size() == 5, "memoryformer::decode_block: expected no scales or 5 (q, k, "
+              "v, ml1, ml2; empty tensors for tables that are not int8), got ", scales.size());
+  const at::Tensor none;
+  auto scale_of = [&](size_t i) -> const at::Tensor& { return scales.empty() ? none : scales[i]; };
   TORCH_CHECK(x.dim() == 2, "memoryformer::decode_block: x must be (batch, d_model); got ", x.sizes());
   const int64_t B = x.size(0), d = x.size(1);
   check_f32(x, "x", {B, d});
@@ -177,16 +219,16 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   const HashSpec hs2 = make_spec(hidden, tau2, weighting, temperature);
   const int64_t R = hs.K << tau, R2 = hs2.K << tau2;
   check_f32(params[0], "attn_norm_w", {d});
-  for (int i = 1; i <= 5; i += 2) {
-    check_f32(params[i], "q/k/v table", {R, d});
-    check_bias(params[i + 1], "q/k/v bias", d);
+  for (int i = 0; i < 3; ++i) {
+    check_table(params[1 + 2 * i], scale_of(i), "q/k/v table", R, d);
+    check_bias(params[2 + 2 * i], "q/k/v bias", d);
   }
   check_f32(params[7], "mlp_norm_w", {d});
-  check_f32(ml1, "ml1_table", {R, hidden});
+  check_table(ml1, scale_of(3), "ml1_table", R, hidden);
   check_bias(params[9], "ml1_bias", hidden);
   check_f32(params[10], "ln_w", {hidden});
   check_f32(params[11], "ln_b", {hidden});
-  check_f32(params[12], "ml2_table", {R2, d});
+  check_table(params[12], scale_of(4), "ml2_table", R2, d);
   check_bias(params[13], "ml2_bias", d);
 
   const float* xp = x.data_ptr<float>();
@@ -204,11 +246,9 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   }
   std::vector<GatherJob> qkv;
   float* outs[3] = {q.data(), k.data(), v.data()};
-  for (int i = 0; i < 3; ++i) {
-    const at::Tensor& t = params[1 + 2 * i];
-    qkv.push_back({rows.data(), w.data(), hs.K, Table<float>{t.data_ptr<float>(), nullptr, R, d},
+  for (int i = 0; i < 3; ++i)
+    qkv.push_back({rows.data(), w.data(), hs.K, &params[1 + 2 * i], ptr_or_null(scales, i),
                    ptr_or_null(params[2 + 2 * i]), outs[i]});
-  }
   run_gathers(qkv, B);
 
   // 2. rotary, cache write, attention per (token, head); the output overwrites `a`
@@ -242,8 +282,7 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
     rms_norm(hb, params[7].data_ptr<float>(), d, static_cast<float>(rms_eps), a.data() + b * d);
     hash_token(a.data() + b * d, hs, e.data(), rows.data() + b * hs.K, w.data() + b * hs.K);
   }
-  run_gathers({{rows.data(), w.data(), hs.K, Table<float>{ml1.data_ptr<float>(), nullptr, R, hidden},
-                ptr_or_null(params[9]), u.data()}}, B);
+  run_gathers({{rows.data(), w.data(), hs.K, &ml1, ptr_or_null(scales, 3), ptr_or_null(params[9]), u.data()}}, B);
 
   // 4. LayerNorm, [GeLU], hash with tau2 bits, ML2 into `a`, residual
   for (int64_t b = 0; b < B; ++b) {
@@ -252,8 +291,8 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
                    static_cast<float>(ln_eps), gelu);
     hash_token(ub, hs2, e.data(), rows.data() + b * hs2.K, w.data() + b * hs2.K);
   }
-  run_gathers({{rows.data(), w.data(), hs2.K, Table<float>{params[12].data_ptr<float>(), nullptr, R2, d},
-                ptr_or_null(params[13]), a.data()}}, B);
+  run_gathers({{rows.data(), w.data(), hs2.K, &params[12], ptr_or_null(scales, 4), ptr_or_null(params[13]),
+                a.data()}}, B);
   for (int64_t i = 0; i < B * d; ++i) yp[i] += a[i];
   return y;
 }
@@ -262,7 +301,7 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
 
 TORCH_LIBRARY_FRAGMENT(memoryformer, m) {
   m.def("decode_block(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, "
-        "Tensor[] params, float rms_eps, float ln_eps, int n_heads, int tau, int tau2, str weighting, "
+        "Tensor[] params, Tensor[] scales, float rms_eps, float ln_eps, int n_heads, int tau, int tau2, str weighting, "
         "float temperature, bool gelu) -> Tensor");
 }
 
