@@ -3,7 +3,8 @@
     python benchmarks/model.py [--pair tiny|demo] [--dtype fp32|bf16] [--rounds 5] [--skip-memory]
 
 Cases, each timed in the same process with the two models alternating (medians over rounds):
-  decode   one new token per sequence, batch 1 and 8, after a 128- or 1024-token context (KV cache)
+  decode   one new token per sequence, batch 1 and 8, after a 128- or 1024-token context (KV cache);
+           each call a different token (from 256 random ones), so Memory Layers read uncached rows
   prefill  512 tokens, batch 1
   train    one AdamW step (forward, backward, optimizer), batch 4 x 512 tokens
   decode with the LM head in bf16 or int8 (memoryformer.quantize), both models alike
@@ -14,6 +15,7 @@ step is measured per model in a fresh subprocess. Writes benchmarks/results/mode
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -47,10 +49,12 @@ def decode_fn(model: LanguageModel, batch: int, context: int, head: bool):
     vocab = model.config.vocab_size
     with torch.no_grad():
         model.hidden_states(torch.randint(0, vocab, (batch, context)), cache=cache)
-    token = torch.randint(0, vocab, (batch, 1))
+    # a new token each call: a repeated token would hash to the same table rows and keep them cached
+    tokens = itertools.cycle(torch.randint(0, vocab, (256, batch, 1)).unbind(0))
 
     def step():
         cache.length = context  # overwrite the same position: a fixed-length context each call
+        token = next(tokens)
         with torch.no_grad():
             if head:
                 model(token, cache=cache, last_logits_only=True)
