@@ -4,7 +4,8 @@
     python benchmarks/precision.py --steps 60 [--work runs/precision]      # no checkpoint: train one
     python benchmarks/precision.py --quick                                   # 8 windows (20 steps if training)
 
-With --checkpoint, the model comes from `checkpoint.load_model` and the held-out tokens from --data (default:
+Without --checkpoint, the main job's MemoryFormer (`memoryformer demo` -> runs/demo/memoryformer) is used
+when it exists (not with --quick). With --checkpoint, the model comes from `checkpoint.load_model` and the held-out tokens from --data (default:
 the data directory the run recorded in run.json). Without it, `mf-demo` is trained for --steps steps on the
 embedded default corpus (prepared like `memoryformer demo` does, in --work/data) into --work/memoryformer.
 The held-out tokens are non-overlapping windows of max_seq_len tokens from the validation split (every
@@ -29,6 +30,7 @@ from memoryformer import kernels  # noqa: E402
 from memoryformer.checkpoint import load_model, read_run_info, run_dir_of  # noqa: E402
 from memoryformer.config import ModelConfig  # noqa: E402
 from memoryformer.data import TokenData  # noqa: E402
+from memoryformer.demo import DemoConfig  # noqa: E402
 from memoryformer.quantize import DEFAULT_OPTIONS, precision_report  # noqa: E402
 
 COLUMNS = [
@@ -93,6 +95,10 @@ def main() -> None:
         args.windows = 8 if args.windows <= 0 else min(args.windows, 8)
         args.steps = min(args.steps, 20)
 
+    main_job = Path(DemoConfig().out) / "memoryformer"  # what `memoryformer demo` trains
+    if args.checkpoint is None and not args.quick and main_job.is_dir():
+        print(f"using the main job's model {main_job} (pass --checkpoint to choose another)", flush=True)
+        args.checkpoint = main_job
     if args.checkpoint is None:
         source, data_dir = train_default(args.work, args.steps, args.train_batch_size, args.data)
         how = f"mf-demo trained here for {args.steps} steps (batch {args.train_batch_size} x 256) on the embedded default corpus"
