@@ -30,7 +30,7 @@ from memoryformer import kernels  # noqa: E402
 from memoryformer.checkpoint import load_model, read_run_info, run_dir_of  # noqa: E402
 from memoryformer.config import ModelConfig  # noqa: E402
 from memoryformer.data import TokenData  # noqa: E402
-from memoryformer.demo import DemoConfig  # noqa: E402
+from memoryformer.demo import DemoSettings  # noqa: E402
 from memoryformer.quantize import DEFAULT_OPTIONS, precision_report  # noqa: E402
 
 COLUMNS = [
@@ -95,7 +95,7 @@ def main() -> None:
         args.windows = 8 if args.windows <= 0 else min(args.windows, 8)
         args.steps = min(args.steps, 20)
 
-    main_job = Path(DemoConfig().out) / "memoryformer"  # what `memoryformer demo` trains
+    main_job = Path(DemoSettings().out) / "memoryformer"  # what `memoryformer demo` trains
     if args.checkpoint is None and not args.quick and main_job.is_dir():
         print(f"using the main job's model {main_job} (pass --checkpoint to choose another)", flush=True)
         args.checkpoint = main_job
