@@ -157,6 +157,13 @@ def memory_layer(
         )
     if hashed is not None:
         _check_hashed(hashed, x.shape[:-1], num_tables)
+    return _memory_layer(x, table, bias, tau, weighting, temperature, hashed)
+
+
+def _memory_layer(x: Tensor, table: Tensor, bias: Tensor | None, tau: int, weighting: str, temperature: float,
+                  hashed: tuple[Tensor, Tensor] | None) -> Tensor:
+    """`memory_layer` on validated arguments (MemoryLayer.forward calls it directly: at decode sizes the
+    checks cost as much as the kernel)."""
     # C++ kernels when available and faster (memoryformer.kernels); None -> the pure path below
     fast = _kernels.try_memory_layer(x, table, bias, tau, weighting, temperature, hashed)
     if fast is not None:
@@ -222,10 +229,13 @@ class MemoryLayer(nn.Module):
     def forward(self, x: Tensor, hashed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(..., in_features) -> (..., out_features). Pass `hashed` to reuse another layer's hash."""
         _check_input(x, self.in_features)
-        return memory_layer(
-            x, self.table, self.bias, tau=self.tau, weighting=self.weighting,
-            temperature=self.temperature, hashed=hashed,
-        )
+        table = self.table
+        if table.dim() != 2 or table.shape[0] != self.num_tables << self.tau:
+            raise ValueError(f"table must have shape ({self.num_tables << self.tau}, out_features) for "
+                             f"K={self.num_tables}, tau={self.tau}; got {tuple(table.shape)}")
+        if hashed is not None:
+            _check_hashed(hashed, x.shape[:-1], self.num_tables)
+        return _memory_layer(x, table, self.bias, self.tau, self.weighting, self.temperature, hashed)
 
     # ---- accounting -----------------------------------------------------------------------
     def num_table_parameters(self) -> int:
