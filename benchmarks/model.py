@@ -7,7 +7,8 @@ Cases, each timed in the same process with the two models alternating (medians o
            each call a different token (from 256 random ones), so Memory Layers read uncached rows
   prefill  512 tokens, batch 1
   train    one AdamW step (forward, backward, optimizer), batch 4 x 512 tokens
-  decode with the LM head in bf16 or int8 (memoryformer.quantize), both models alike
+  decode with the LM head in bf16 or int8 (memoryformer.quantize), both models alike; and with
+           MemoryFormer's tables in int8 as well (the dense twin has no tables: its head alone)
 "head excluded" runs embedding, blocks and final norm only. Peak memory (RSS) of decode and of a training
 step is measured per model in a fresh subprocess. Writes benchmarks/results/model_<pair>_<dtype>.json/.md.
 """
@@ -162,11 +163,14 @@ def main() -> None:
                               {k: decode_fn(m, batch, context, head) for k, m in models.items()}, head))
     for head in (True, False):
         cases.append(("prefill 512", "tok/s", 512, {k: prefill_fn(m, 512, head) for k, m in models.items()}, head))
-    if not args.skip_head_variants:  # the LM head in lower precision (accuracy: benchmarks/precision.py)
-        for kind, batches in (("bf16", (1, 8)), ("int8", (1,))):
-            quantized = {k: quantize_model(m, head=kind) for k, m in models.items()}
+    if not args.skip_head_variants:  # lower precision (accuracy: benchmarks/precision.py)
+        variants = (("bf16 head", None, "bf16", (1, 8)), ("int8 head", None, "int8", (1,)),
+                    ("int8 tables + bf16 head", "int8", "bf16", (1,)))  # tables: MemoryFormer only
+        for label, tables, head, batches in variants:
+            quantized = {k: quantize_model(m, tables=tables if k == "memoryformer" else None, head=head)
+                         for k, m in models.items()}
             for batch in batches:
-                cases.append((f"decode b={batch} ctx=128, {kind} head", "tok/s", batch,
+                cases.append((f"decode b={batch} ctx=128, {label}", "tok/s", batch,
                               {k: decode_fn(m, batch, 128, True) for k, m in quantized.items()}, True))
     rows = []
     print(f"{'case':<24} {'head':>5} {'MF ms':>9} {'dense ms':>9} {'ratio':>6}")
