@@ -160,8 +160,8 @@ def test_quick_args_follow_the_scripts_flags(tmp_path) -> None:
     assert run_all.quick_args(b, "p.add_argument('--rounds', type=int)") == ["--rounds", "1"]
     assert run_all.quick_args(b, "no flags") == []
     layer = run_all.bench_command(run_all.BY_NAME["layer"], quick=True)  # reads the real layer.py's flags
-    assert layer[1:] == ["benchmarks/layer.py", "--rounds", "1", "--d", "1024", "--n", "1", "2048",
-                         "--dtypes", "fp32"]
+    assert layer[1:] == ["benchmarks/layer.py", "--rounds", "9", "--rounds", "1", "--d", "1024", "--n", "1", "2048",
+                         "--dtypes", "fp32"]  # the quick flags come last: argparse keeps the last --rounds
     model = run_all.bench_command(run_all.BY_NAME["model_tiny"], quick=True)
     assert model[2:] == ["--pair", "tiny", "--rounds", "1", "--skip-train", "--skip-memory"]
 
