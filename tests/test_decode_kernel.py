@@ -45,6 +45,22 @@ def _count_fused(monkeypatch) -> list[int]:
     return calls
 
 
+def _decode_against(model: LanguageModel, reference: LanguageModel, idx: torch.Tensor, prompt: int):
+    """Prefill idx[:, :prompt], then decode the rest one token at a time with both models (the reference
+    on the pure-PyTorch backend), comparing logits at every step; returns both KV caches."""
+    cache, ref_cache = model.new_cache(idx.shape[0], idx.shape[1]), reference.new_cache(idx.shape[0], idx.shape[1])
+    with torch.no_grad():
+        model(idx[:, :prompt], cache=cache)
+        with kernels.backend("torch"):
+            reference(idx[:, :prompt], cache=ref_cache)
+        for t in range(prompt, idx.shape[1]):
+            logits, _ = model(idx[:, t:t + 1], cache=cache)
+            with kernels.backend("torch"):
+                ref_logits, _ = reference(idx[:, t:t + 1], cache=ref_cache)
+            torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-4, atol=1e-4)
+    return cache, ref_cache
+
+
 VARIANTS = [
     dict(),
     dict(memory_block_activation="gelu", weighting="l1"),
@@ -63,17 +79,7 @@ def test_fused_block_matches_float64_eager_block(built, overrides, batch, monkey
     ref_model = copy.deepcopy(model).double()
     idx = torch.randint(0, cfg.vocab_size, (batch, 9))
     calls = _count_fused(monkeypatch)
-    with torch.no_grad():
-        cache = model.new_cache(batch, 12)
-        ref_cache = ref_model.new_cache(batch, 12)
-        model(idx[:, :5], cache=cache)
-        with kernels.backend("torch"):
-            ref_model(idx[:, :5], cache=ref_cache)
-        for t in range(5, 9):
-            logits, _ = model(idx[:, t:t + 1], cache=cache)
-            with kernels.backend("torch"):
-                ref_logits, _ = ref_model(idx[:, t:t + 1], cache=ref_cache)
-            torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-4, atol=1e-4)
+    cache, ref_cache = _decode_against(model, ref_model, idx, prompt=5)
     assert calls[0] == 4 * cfg.n_layers
     for layer in range(cfg.n_layers):
         torch.testing.assert_close(cache.keys[layer][:, :, :9].double(), ref_cache.keys[layer][:, :, :9],
@@ -217,15 +223,5 @@ def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(buil
         with torch.no_grad():
             layer.table.copy_(table)
     calls = _count_fused(monkeypatch)
-    idx = torch.randint(0, cfg.vocab_size, (2, 8))
-    cache, ref_cache = qmodel.new_cache(2, 8), reference.new_cache(2, 8)
-    with torch.no_grad():
-        qmodel(idx[:, :4], cache=cache)
-        with kernels.backend("torch"):
-            reference(idx[:, :4], cache=ref_cache)
-        for t in range(4, 8):
-            logits, _ = qmodel(idx[:, t:t + 1], cache=cache)
-            with kernels.backend("torch"):
-                ref_logits, _ = reference(idx[:, t:t + 1], cache=ref_cache)
-            torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-4, atol=1e-4)
+    _decode_against(qmodel, reference, torch.randint(0, cfg.vocab_size, (2, 8)), prompt=4)
     assert calls[0] == 4 * cfg.n_layers
