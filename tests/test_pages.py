@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -55,3 +57,14 @@ def test_small_and_unavailable_are_no_ops(monkeypatch):
     big = torch.nn.Linear(2048, 2048)
     ptr = big.weight.data_ptr()
     assert pages.use_huge_pages(big) == 0 and big.weight.data_ptr() == ptr
+
+
+def test_cli_asks_for_huge_pages_unless_told_not_to(monkeypatch, capsys):
+    from memoryformer import cli
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert cli.main(["flops", "--preset", "mf-test"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice wins
+    assert cli.main(["flops", "--preset", "mf-test"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
