@@ -66,6 +66,8 @@ VARIANTS = [
     dict(memory_block_activation="gelu", weighting="l1"),
     dict(temperature=0.6, memory_bias=False, expanding_bits=0, rotary_pct=1.0),
     dict(n_heads=2, tau=8, d_model=48, expanding_bits=2, rotary_pct=0.5),
+    dict(d_model=64, n_heads=4),  # head_dim 16 and 64: whole vectors, the register-blocked attention
+    dict(d_model=128, n_heads=2, memory_block_activation="gelu"),
 ]
 
 

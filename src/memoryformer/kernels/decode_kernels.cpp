@@ -123,26 +123,81 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Scores of one query against S keys, Dh = NV * VW: four keys at a time (four independent FMA chains).
+template <int NV>
+void scores_fixed(const float* q, const float* keys, int64_t S, float scale, float* scores) {
+  vf qv[NV];
+  for (int v = 0; v < NV; ++v) qv[v] = vload(q + v * VW);
+  constexpr int64_t Dh = NV * VW;
+  int64_t s = 0;
+  for (; s + 4 <= S; s += 4) {
+    vf a0 = vf{} + 0.f, a1 = a0, a2 = a0, a3 = a0;
+    const float* k = keys + s * Dh;
+    for (int v = 0; v < NV; ++v) {
+      a0 += qv[v] * vload(k + v * VW);
+      a1 += qv[v] * vload(k + Dh + v * VW);
+      a2 += qv[v] * vload(k + 2 * Dh + v * VW);
+      a3 += qv[v] * vload(k + 3 * Dh + v * VW);
+    }
+    scores[s] = hsum(a0) * scale;
+    scores[s + 1] = hsum(a1) * scale;
+    scores[s + 2] = hsum(a2) * scale;
+    scores[s + 3] = hsum(a3) * scale;
+  }
+  for (; s < S; ++s) {
+    vf a = vf{} + 0.f;
+    for (int v = 0; v < NV; ++v) a += qv[v] * vload(keys + s * Dh + v * VW);
+    scores[s] = hsum(a) * scale;
+  }
+}
+
+// out (Dh) = sum_s p[s] values[s], Dh = NV * VW, the accumulators in registers.
+template <int NV>
+void weighted_values_fixed(const float* p, const float* values, int64_t S, float* out) {
+  vf acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = vf{} + 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    const float ps = p[s];
+    const float* row = values + s * NV * VW;
+    for (int v = 0; v < NV; ++v) acc[v] += ps * vload(row + v * VW);
+  }
+  for (int v = 0; v < NV; ++v) vstore(out + v * VW, acc[v]);
+}
+
 // Softmax attention of one query q (Dh) over S cached keys/values (S, Dh) -> out (Dh).
 void attend_one(const float* q, const float* keys, const float* values, int64_t S, int64_t Dh, float* out,
                 std::vector<float>& scores) {
   scores.resize(static_cast<size_t>(S));
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    scores[s] = dot(q, keys + s * Dh, Dh) * scale;
-    mx = std::max(mx, scores[s]);
+  const int64_t nv = Dh % VW == 0 ? Dh / VW : 0;
+  switch (nv) {  // head sizes that are whole vectors take the register-blocked kernels
+    case 2: scores_fixed<2>(q, keys, S, scale, scores.data()); break;
+    case 4: scores_fixed<4>(q, keys, S, scale, scores.data()); break;
+    case 8: scores_fixed<8>(q, keys, S, scale, scores.data()); break;
+    case 16: scores_fixed<16>(q, keys, S, scale, scores.data()); break;
+    default:
+      for (int64_t s = 0; s < S; ++s) scores[s] = dot(q, keys + s * Dh, Dh) * scale;
   }
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) mx = std::max(mx, scores[s]);
   float total = 0.f;
   for (int64_t s = 0; s < S; ++s) {
     scores[s] = std::exp(scores[s] - mx);
     total += scores[s];
   }
-  for (int64_t j = 0; j < Dh; ++j) out[j] = 0.f;
-  for (int64_t s = 0; s < S; ++s) {
-    const float p = scores[s] / total;
-    const float* v = values + s * Dh;
-    for (int64_t j = 0; j < Dh; ++j) out[j] += p * v[j];
+  const float inv = 1.0f / total;
+  for (int64_t s = 0; s < S; ++s) scores[s] *= inv;
+  switch (nv) {
+    case 2: return weighted_values_fixed<2>(scores.data(), values, S, out);
+    case 4: return weighted_values_fixed<4>(scores.data(), values, S, out);
+    case 8: return weighted_values_fixed<8>(scores.data(), values, S, out);
+    case 16: return weighted_values_fixed<16>(scores.data(), values, S, out);
+    default:
+      for (int64_t j = 0; j < Dh; ++j) out[j] = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* v = values + s * Dh;
+        for (int64_t j = 0; j < Dh; ++j) out[j] += scores[s] * v[j];
+      }
   }
 }
 
