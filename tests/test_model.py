@@ -258,3 +258,18 @@ def test_init_stds():
     assert model.embed.weight.std().item() == pytest.approx(small_init, rel=0.02)
     assert model.blocks[0].attn.q_proj.table.std().item() == pytest.approx(small_init, rel=0.02)
     assert model.blocks[0].mlp.ml2.table.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_rotary_tables_are_cached_grown_and_exact():
+    from memoryformer.model import rotary_cos_sin
+
+    model = LanguageModel(ModelConfig.from_preset("mf-test", max_seq_len=3000))
+    cos, sin = model._rotary_tables(torch.device("cpu"), torch.float32, 10)
+    assert cos.shape[0] == 1024 and model._rotary_tables(torch.device("cpu"), torch.float32, 900)[0] is cos
+    cos, sin = model._rotary_tables(torch.device("cpu"), torch.float32, 1500)  # grows by doubling
+    assert cos.shape[0] == 2048
+    assert model._rotary_tables(torch.device("cpu"), torch.float32, 2500)[0].shape[0] == 3000  # capped
+    ref_cos, ref_sin = rotary_cos_sin(torch.arange(2048), model.config.rotary_dims, model.config.rotary_base,
+                                      torch.float32)
+    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)

@@ -349,7 +349,7 @@ class LanguageModel(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
-        cos, sin = self._rotary_tables(x.device, x.dtype)
+        cos, sin = self._rotary_tables(x.device, x.dtype, start + T)
         rope = cos[start:start + T], sin[start:start + T]
         for block in self.blocks:
             x = block(x, rope, cache)
@@ -357,12 +357,15 @@ class LanguageModel(nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def _rotary_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin (max_seq_len, rotary_dims), computed once per device and dtype (not saved)."""
+    def _rotary_tables(self, device: torch.device, dtype: torch.dtype, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (n, rotary_dims) for positions [0, n), n >= length: computed once per device and dtype
+        and grown by doubling (up to max_seq_len) when a longer sequence comes; not saved."""
         key = (device, dtype)
         tables = self._rotary_cache.get(key)
-        if tables is None:
-            positions = torch.arange(self.config.max_seq_len, device=device)
+        if tables is None or tables[0].shape[0] < length:
+            have = 0 if tables is None else tables[0].shape[0]
+            n = min(self.config.max_seq_len, max(length, 2 * have, 1024))
+            positions = torch.arange(n, device=device)
             tables = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base, dtype)
             self._rotary_cache[key] = tables
         return tables
