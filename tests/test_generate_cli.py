@@ -85,6 +85,22 @@ def test_greedy_output_equals_model_generate_and_streams(sources, tokenizer, sou
     assert len(pieces) >= 6 and "".join(pieces) == continuation  # streamed, not printed at the end
 
 
+def test_lower_precision_tables_and_head(sources, tokenizer, capsys, monkeypatch):
+    from memoryformer import quantize
+
+    path, model = sources["run"]
+    used = []
+    real = quantize.quantize_model
+    monkeypatch.setattr(quantize, "quantize_model", lambda m, **kw: used.append((m, kw)) or real(m, **kw))
+    assert main(["generate", "--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature",
+                 "0", "--no-echo", "--device", "cpu", "--tables", "int8", "--head", "bf16"]) == 0
+    assert [kw for _, kw in used] == [{"tables": "int8", "head": "bf16"}]
+    expected = _expected(real(model, tables="int8", head="bf16"), tokenizer, PROMPT, 8, temperature=0)
+    assert capsys.readouterr().out == expected + "\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(path), "--tables", "int4"])
+
+
 def test_seeded_sampling_is_repeatable_and_matches(sources, tokenizer, capsys):
     path, model = sources["run"]
     args = ["generate", "--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "10", "--seed", "3",

@@ -2,6 +2,7 @@
 
     memoryformer generate --model runs/mf-tiny --prompt "Once upon a time" --max-new-tokens 100
     echo "The meaning of life" | memoryformer generate --model hf/mf-tiny --temperature 0 --stop-at-eot
+    memoryformer generate --model runs/mf-tiny --tables int8 --head bf16      # smaller, faster inference copy
 
 --model is a training run directory, a checkpoint file or a Hugging Face directory (an export).
 """
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     parser.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the model's own")
     parser.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
+    parser.add_argument("--tables", choices=["bf16", "int8"],
+                        help="MemoryFormer tables in lower precision (memoryformer.quantize; docs/precision.md)")
+    parser.add_argument("--head", choices=["bf16", "int8"], help="the LM head in lower precision")
 
 
 class StreamPrinter:
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from memoryformer.data.tokenizer import eot_id, load_tokenizer
     from memoryformer.hf import check_tokenizer, load_any
     from memoryformer.pages import use_huge_pages
+    from memoryformer.quantize import quantize_model
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -83,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_any(args.model, device=device)
+    if args.tables or args.head:
+        model = quantize_model(model, tables=args.tables, head=args.head)
     use_huge_pages(model)  # Memory Layer rows are scattered: 2 MiB pages save a TLB miss per row (CPU)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
