@@ -399,6 +399,22 @@ static void dispatch_x(at::ScalarType st, const F& f) {
   else f(bf16{});
 }
 
+// x (N, D) hashed: rows and weights (N, K), and, when `sort`, the entries grouped by table row (CSR).
+struct Hashed {
+  std::vector<int32_t> rows;
+  std::vector<float> w;
+  CSR csr;
+  bool sorted;
+  Hashed(const at::Tensor& x, const HashSpec& hs, int64_t N, int64_t R, bool sort)
+      : rows(static_cast<size_t>(N * hs.K)), w(static_cast<size_t>(N * hs.K)), sorted(sort) {
+    dispatch_x(x.scalar_type(), [&](auto xt) {
+      using XT = decltype(xt);
+      hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
+    });
+    if (sort) build_csr(rows.data(), w.data(), N, hs.K, R, csr);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Ops
 // ------------------------------------------------------------------------------------------------
@@ -418,15 +434,11 @@ std::vector<at::Tensor> memory_layer(const at::Tensor& x_, at::TensorList tables
     for (const auto& t : tables) outs.push_back(at::empty({0, t.size(1)}, t.options()));
     return outs;
   }
-  std::vector<int32_t> rows(static_cast<size_t>(N * K));
-  std::vector<float> w(static_cast<size_t>(N * K));
-  dispatch_x(x.scalar_type(), [&](auto xt) {
-    using XT = decltype(xt);
-    hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
-  });
-  CSR csr;
-  const bool use_csr = want_csr(N);
-  if (use_csr) build_csr(rows.data(), w.data(), N, K, R, csr);
+  const Hashed hd(x, hs, N, R, want_csr(N));
+  const std::vector<int32_t>& rows = hd.rows;
+  const std::vector<float>& w = hd.w;
+  const bool use_csr = hd.sorted;
+  const CSR& csr = hd.csr;
   for (size_t i = 0; i < tables.size(); ++i) {
     const at::Tensor t = tables[i].contiguous();
     maybe_hugepages(t);
@@ -466,15 +478,11 @@ at::Tensor memory_layer_q8(const at::Tensor& x_, const at::Tensor& qtable_, cons
   const at::Tensor b = bias_f32(bias, d);
   at::Tensor out = at::empty({N, d}, x.options().dtype(at::kFloat));
   if (N == 0) return out;
-  std::vector<int32_t> rows(static_cast<size_t>(N * K));
-  std::vector<float> w(static_cast<size_t>(N * K));
-  dispatch_x(x.scalar_type(), [&](auto xt) {
-    using XT = decltype(xt);
-    hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
-  });
-  CSR csr;
-  const bool use_csr = want_csr(N);
-  if (use_csr) build_csr(rows.data(), w.data(), N, K, R, csr);
+  const Hashed hd(x, hs, N, R, want_csr(N));
+  const std::vector<int32_t>& rows = hd.rows;
+  const std::vector<float>& w = hd.w;
+  const bool use_csr = hd.sorted;
+  const CSR& csr = hd.csr;
   Table<int8_t> T{qt.data_ptr<int8_t>(), sc.data_ptr<float>(), R, d};
   forward_rows(rows.data(), w.data(), N, K, T, b.defined() ? b.data_ptr<float>() : nullptr,
                out.data_ptr<float>(), use_csr ? &csr : nullptr);
@@ -505,14 +513,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
     for (auto& g : gtables) g.zero_();
     return {gx, gtables};
   }
-  std::vector<int32_t> rows(static_cast<size_t>(N * K));
-  std::vector<float> w(static_cast<size_t>(N * K));
-  dispatch_x(x.scalar_type(), [&](auto xt) {
-    using XT = decltype(xt);
-    hash_all(x.data_ptr<XT>(), hs, N, rows.data(), w.data());
-  });
-  CSR csr;
-  build_csr(rows.data(), w.data(), N, K, R, csr);
+  const Hashed hd(x, hs, N, R, true);
+  const std::vector<int32_t>& rows = hd.rows;
+  const std::vector<float>& w = hd.w;
+  const CSR& csr = hd.csr;
   std::vector<float> gwT(need_x ? static_cast<size_t>(N * K) : 0, 0.f);  // (K, N)
   for (size_t i = 0; i < tables.size(); ++i) {
     const at::Tensor t = tables[i].contiguous();
