@@ -16,8 +16,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    """CPU model, threads, torch version (memoryformer.reproduce.machine) plus allocator settings."""
-    from memoryformer.reproduce import machine as base
+    """CPU model, threads, torch version (memoryformer.research.reproduce.runner.machine) plus allocator settings."""
+    from memoryformer.research.reproduce.runner import machine as base
 
     prefixes = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
     info = {**base(), "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(prefixes)}}

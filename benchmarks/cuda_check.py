@@ -16,7 +16,7 @@ b = 1 and 8 after 128 tokens with and without the head, prefill 512, an AdamW st
 peak of torch.cuda.max_memory_allocated per case. No new timing case starts when less of
 --time-budget is left than the slowest case so far took; results are rewritten after every case.
 
-On CUDA the C++ kernels (memoryformer.kernels, CPU only) do not apply: memoryformer.layer's pure path
+On CUDA the C++ kernels (memoryformer.kernels, CPU only) do not apply: memoryformer.core.layer's pure path
 (F.embedding_bag) runs, and MemoryFormer decoding runs the eager block (no fused decode op).
 Writes DIR/cuda_<device>.json and .md (benchmarks/common.write_results). Needs no install: src/ is
 put first on sys.path.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from memoryformer import MemoryLayer, kernels
-from memoryformer.layer import memory_hash
+from memoryformer.core.layer import memory_hash
 
 _CLOCK = {"fn": time.perf_counter}
 

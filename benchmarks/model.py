@@ -7,7 +7,7 @@ Cases, each timed in the same process with the two models alternating (medians o
            each call a different token (from 256 random ones), so Memory Layers read uncached rows
   prefill  512 tokens, batch 1
   train    one AdamW step (forward, backward, optimizer), batch 4 x 512 tokens
-  decode with the LM head in bf16 or int8 (memoryformer.quantize), both models alike; and with
+  decode with the LM head in bf16 or int8 (memoryformer.inference.quantize), both models alike; and with
            MemoryFormer's tables in int8 as well (the dense twin has no tables: its head alone)
 "head excluded" runs embedding, blocks and final norm only. Peak memory (RSS) of decode and of a training
 step is measured per model in a fresh subprocess. Writes benchmarks/results/model_<pair>_<dtype>.json/.md.
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import allocator_huge_pages, time_interleaved, write_results  # noqa: E402
 
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
-from memoryformer.pages import huge_pages_available, use_huge_pages  # noqa: E402
-from memoryformer.quantize import quantize_model  # noqa: E402
+from memoryformer.inference.pages import huge_pages_available, use_huge_pages  # noqa: E402
+from memoryformer.inference.quantize import quantize_model  # noqa: E402
 
 PAIRS = {"tiny": ("mf-tiny", "pythia-70m"), "demo": ("mf-demo", "pythia-demo")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -201,7 +201,7 @@ def main() -> None:
                ("ratio", "ratio MF / dense"), ("mf_tok_s", f"{mf_name} tok/s"), ("dense_tok_s", f"{dense_name} tok/s")]
     notes = [f"Parameters: {mf_name} {params['memoryformer'] / 1e6:.1f}M, {dense_name} {params['dense'] / 1e6:.1f}M. "
              f"dtype {args.dtype}. Medians over interleaved rounds; ratio < 1: MemoryFormer faster.",
-             "Parameters of both models on 2 MiB pages (memoryformer.pages.use_huge_pages)." if huge else
+             "Parameters of both models on 2 MiB pages (memoryformer.inference.pages.use_huge_pages)." if huge else
              "Parameters on 4 KiB pages (--no-huge-pages or no THP).",
              "MemoryFormer decode runs the fused decode_block op (memoryformer.kernels) when the kernels are built."]
     if memory:

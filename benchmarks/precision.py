@@ -9,7 +9,7 @@ when it exists (not with --quick). With --checkpoint, the model comes from `chec
 the data directory the run recorded in run.json). Without it, `mf-demo` is trained for --steps steps on the
 embedded default corpus (prepared like `memoryformer demo` does, in --work/data) into --work/memoryformer.
 The held-out tokens are non-overlapping windows of max_seq_len tokens from the validation split (every
-window, or --windows of them evenly spaced). `memoryformer.quantize.precision_report` measures each option
+window, or --windows of them evenly spaced). `memoryformer.inference.quantize.precision_report` measures each option
 against the float32 model; the rows go to benchmarks/results/precision.{json,md}.
 """
 
@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from memoryformer import kernels  # noqa: E402
-from memoryformer.checkpoint import load_model, read_run_info, run_dir_of  # noqa: E402
-from memoryformer.config import ModelConfig  # noqa: E402
+from memoryformer.core.config import ModelConfig  # noqa: E402
 from memoryformer.data import TokenData  # noqa: E402
-from memoryformer.demo import DemoSettings  # noqa: E402
-from memoryformer.quantize import DEFAULT_OPTIONS, precision_report  # noqa: E402
+from memoryformer.inference.quantize import DEFAULT_OPTIONS, precision_report  # noqa: E402
+from memoryformer.research.demo import DemoSettings  # noqa: E402
+from memoryformer.train.checkpoint import load_model, read_run_info, run_dir_of  # noqa: E402
 
 COLUMNS = [
     ("option", "option"), ("rel_l2_err", "rel. L2 logit error"), ("mean_rel_err", "mean rel. error"),
@@ -44,8 +44,8 @@ COLUMNS = [
 
 def train_default(work: Path, steps: int, batch_size: int, data_dir: Path | None) -> tuple[Path, Path]:
     """Train mf-demo briefly on the embedded default corpus (demo.py's data and learning rate)."""
-    from memoryformer.demo import DemoSettings, prepare_default_data
-    from memoryformer.train import TrainConfig, train
+    from memoryformer.research.demo import DemoSettings, prepare_default_data
+    from memoryformer.train.loop import TrainConfig, train
 
     settings = DemoSettings(out=str(work))
     data_dir = data_dir or prepare_default_data(settings)
@@ -134,7 +134,7 @@ def main() -> None:
         "input x (the tables' own rounding). Hash flips: the share of (token, table) bucket choices that differ "
         "from the float32 model's; a flipped sign bit upstream swaps a whole table row downstream, which is "
         "what turns a small per-layer error into a larger logit error. Bytes: tables (+ int8 scales) and head "
-        "weight (+ scales), biases not counted. Definitions: memoryformer.quantize.precision_report, docs/precision.md.",
+        "weight (+ scales), biases not counted. Definitions: memoryformer.inference.quantize.precision_report, docs/precision.md.",
     ]
     paths = write_results("precision", rows, COLUMNS, title="Lower-precision inference: accuracy cost",
                           notes=notes, extra={"model": how, "data": str(data_dir), "windows": tokens.shape[0],

@@ -153,7 +153,7 @@ TARGETS = (
 # time fields of layer and model rows: (ours, dense, our label, dense label)
 TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"))
 PRECISION_LIMITS = {"bf16": 1e-2, "int8": 2e-2}
-# precision.json fields (memoryformer.quantize.precision_report): what each error measures
+# precision.json fields (memoryformer.inference.quantize.precision_report): what each error measures
 PRECISION_ERRORS = (("layer_rel_err", "one Memory Layer (fp32 model's inputs)"),
                     ("rel_l2_err", "whole-model logits, relative L2 (incl. hash flips downstream)"))
 

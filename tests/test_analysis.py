@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from memoryformer.analysis import (
+from memoryformer.core.config import ModelConfig
+from memoryformer.core.model import LanguageModel
+from memoryformer.research.analysis import (
     BucketCounter,
     bucket_counts,
     count_rows,
@@ -28,8 +30,6 @@ from memoryformer.analysis import (
     usage_metrics,
     usage_summary,
 )
-from memoryformer.config import ModelConfig
-from memoryformer.model import LanguageModel
 
 
 def tiny_mf(**changes) -> LanguageModel:
@@ -147,9 +147,9 @@ def test_usage_hook_in_training(tmp_path):
     import csv
     import random
 
-    from memoryformer.analysis import usage_hook
     from memoryformer.data import TokenData, prepare
-    from memoryformer.train import TrainConfig, train
+    from memoryformer.research.analysis import usage_hook
+    from memoryformer.train.loop import TrainConfig, train
 
     src = tmp_path / "corpus"
     src.mkdir()

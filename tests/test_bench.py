@@ -51,7 +51,7 @@ def fake_results(results: Path) -> None:
 
 
 def precision_row(option: str, rel_l2: float, layer: float, target: float | None, ppl_delta: float) -> dict:
-    """A row as benchmarks/precision.py writes it (memoryformer.quantize.precision_report)."""
+    """A row as benchmarks/precision.py writes it (memoryformer.inference.quantize.precision_report)."""
     return {"option": option, "rel_l2_err": rel_l2, "layer_rel_err": layer, "mean_rel_err": rel_l2 / 2,
             "ppl_delta": ppl_delta, "ppl_delta_rel": ppl_delta / 10, "target": target}
 

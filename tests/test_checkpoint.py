@@ -15,15 +15,15 @@ import pytest
 import torch
 from tiny_data import make_data
 
-from memoryformer import checkpoint as ckpt
-from memoryformer.config import ModelConfig
-from memoryformer.model import LanguageModel
+from memoryformer.core.config import ModelConfig
+from memoryformer.core.model import LanguageModel
+from memoryformer.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished 3-step run of mf-test (vocabulary 300) with checkpoints at steps 2 and 3."""
-    from memoryformer.train import TrainConfig, train
+    from memoryformer.train.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("ckpt_run")
     data = make_data(root)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from memoryformer import LanguageModel, ModelConfig, kernels
-from memoryformer.model import MemoryFormerBlock
+from memoryformer.core.model import MemoryFormerBlock
 
 
 def _config(**overrides) -> ModelConfig:
@@ -207,7 +207,7 @@ def test_bad_arguments_raise_clear_errors(built):
 def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(built, tables, monkeypatch):
     """A quantize_model copy decodes through the fused op; its reference is the same model with the
     stored tables dequantised to float64 (scales folded in), run by the eager float64 block."""
-    from memoryformer.quantize import quantize_model
+    from memoryformer.inference.quantize import quantize_model
 
     cfg = _config(memory_block_activation="gelu", expanding_bits=2)
     torch.manual_seed(4)

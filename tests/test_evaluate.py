@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from memoryformer.evaluate import (
+from memoryformer.evaluation.evaluate import (
     Scorer,
     completion_metrics,
     encode_pair,
@@ -20,7 +20,7 @@ from memoryformer.evaluate import (
     multiple_choice_metrics,
     perplexity,
 )
-from memoryformer.tasks import Completion, MultipleChoice
+from memoryformer.evaluation.tasks import Completion, MultipleChoice
 
 CORPUS = [
     "Question: How do I open a jar?\nAnswer: Twist the lid.",
@@ -329,7 +329,7 @@ def _task_files(root: Path) -> None:
 def test_eval_command(tokenizer, tmp_path, monkeypatch, capsys):
     from memoryformer import cli
     from memoryformer.commands import evaluate as command
-    from memoryformer.tasks import load_task
+    from memoryformer.evaluation.tasks import load_task
 
     fake = FakeLM(tokenizer.get_vocab_size(), seed=5)
     monkeypatch.setattr(command, "load_model_for_eval", lambda path, device=None: (FakeModule(fake, 16), tokenizer))
@@ -374,7 +374,7 @@ def test_load_model_for_eval_errors(monkeypatch):
 
     with pytest.raises(FileNotFoundError, match="some/run"):
         load_model_for_eval("some/run")
-    for name in ("memoryformer.hf", "memoryformer.checkpoint"):  # as if neither could be imported
+    for name in ("memoryformer.integrations.hf", "memoryformer.train.checkpoint"):  # as if neither could be imported
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(RuntimeError, match="no memoryformer.checkpoint.load_model"):
+    with pytest.raises(RuntimeError, match="no memoryformer.train.checkpoint.load_model"):
         load_model_for_eval("some/run")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memoryformer import cli, flops
-from memoryformer.config import ModelConfig
-from memoryformer.layer import MemoryLayer
+from memoryformer import cli
+from memoryformer.core.config import ModelConfig
+from memoryformer.core.layer import MemoryLayer
+from memoryformer.research import flops
 
 G = 1e9
 
@@ -149,7 +150,7 @@ def test_structural_matches_torch_flop_counter(preset: str) -> None:
     not at all (embedding_bag counts zero) -- the reason the structural count exists; the fused
     kernels register FLOP formulas, so there it sees exactly the structural memory count."""
     from memoryformer import kernels
-    from memoryformer.model import LanguageModel
+    from memoryformer.core.model import LanguageModel
 
     cfg = ModelConfig.from_preset(preset)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from memoryformer.cli import main
 from memoryformer.data.tokenizer import train_bpe
 
 pytest.importorskip("transformers")
-checkpoint = pytest.importorskip("memoryformer.checkpoint")
+checkpoint = pytest.importorskip("memoryformer.train.checkpoint")
 generate_cmd = pytest.importorskip("memoryformer.commands.generate")
 
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue water fire stone tree".split()
@@ -45,7 +45,7 @@ def _run_dir(path, model: LanguageModel, tokenizer=None):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tokenizer):
     """{name: (path, model)}: a MemoryFormer run directory and a Pythia twin exported to HF."""
-    from memoryformer.hf import save_pretrained
+    from memoryformer.integrations.hf import save_pretrained
 
     root = tmp_path_factory.mktemp("generate")
     mf, py = _model("mf-test"), _model("pythia-test", seed=1)
@@ -86,7 +86,7 @@ def test_greedy_output_equals_model_generate_and_streams(sources, tokenizer, sou
 
 
 def test_lower_precision_tables_and_head(sources, tokenizer, capsys, monkeypatch):
-    from memoryformer import quantize
+    from memoryformer.inference import quantize
 
     path, model = sources["run"]
     used = []

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
 from memoryformer.data.tokenizer import train_bpe  # noqa: E402
-from memoryformer.hf import (  # noqa: E402
+from memoryformer.integrations.hf import (  # noqa: E402
     MemoryFormerCache,
     MemoryFormerConfig,
     MemoryFormerForCausalLM,
@@ -293,7 +293,7 @@ def test_remote_code_source_is_self_contained(tmp_path):
 
 
 def _write_run(run: Path, model: LanguageModel, tokenizer) -> Path:
-    from memoryformer import checkpoint
+    from memoryformer.train import checkpoint
 
     run.mkdir(parents=True)
     model.config.to_json(run / "config.json")
@@ -305,7 +305,7 @@ def _write_run(run: Path, model: LanguageModel, tokenizer) -> Path:
 
 @pytest.mark.parametrize("preset", ARCHS)
 def test_load_any_reads_runs_and_checkpoint_files(tmp_path, tokenizer, preset):
-    pytest.importorskip("memoryformer.checkpoint")
+    pytest.importorskip("memoryformer.train.checkpoint")
     lm = tiny(preset)
     run = _write_run(tmp_path / "run", lm, tokenizer)
     x = ids(1, 8)
@@ -317,7 +317,7 @@ def test_load_any_reads_runs_and_checkpoint_files(tmp_path, tokenizer, preset):
 
 @pytest.mark.parametrize("preset", ARCHS)
 def test_export_verb_writes_a_loadable_directory(tmp_path, tokenizer, preset):
-    pytest.importorskip("memoryformer.checkpoint")
+    pytest.importorskip("memoryformer.train.checkpoint")
     from memoryformer.cli import main
 
     lm = tiny(preset)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from memoryformer import MemoryLayer, kernels
+from memoryformer.core.layer import memory_hash, memory_layer
 from memoryformer.kernels import _loader
-from memoryformer.layer import memory_hash, memory_layer
 
 ops = torch.ops.memoryformer if hasattr(torch.ops, "memoryformer") else None
 

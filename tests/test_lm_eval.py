@@ -23,9 +23,9 @@ pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate (p
 
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
 from memoryformer.data.tokenizer import train_bpe  # noqa: E402
-from memoryformer.evaluate import Scorer  # noqa: E402
-from memoryformer.hf import save_pretrained  # noqa: E402
-from memoryformer.tasks import load_task, write_lm_eval_tasks  # noqa: E402
+from memoryformer.evaluation.evaluate import Scorer  # noqa: E402
+from memoryformer.evaluation.tasks import load_task, write_lm_eval_tasks  # noqa: E402
+from memoryformer.integrations.hf import save_pretrained  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue water fire stone tree".split()
 BATCH = 3  # not a divisor of the request count, so batches are ragged
@@ -57,7 +57,7 @@ def offline(tmp_path_factory):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, offline):
     """Tokenizer, the two tiny models, their HF directories and a run directory, and the tasks."""
-    from memoryformer import checkpoint
+    from memoryformer.train import checkpoint
 
     root = tmp_path_factory.mktemp("lm_eval")
     rng = random.Random(0)
@@ -108,7 +108,7 @@ def _run_lm_eval(model: str, model_args: str, tasks: list[str], include: str) ->
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import memoryformer.hf  # noqa: F401  (registers --model memoryformer and the Auto classes)
+    import memoryformer.integrations.hf  # noqa: F401  (registers --model memoryformer and the Auto classes)
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=BATCH,
                                    device="cpu", log_samples=True, bootstrap_iters=0,
@@ -165,23 +165,23 @@ def test_pythia_export_runs_under_plain_hf_model(setup):
 
 
 def _hide_registration(monkeypatch) -> None:
-    """Undo `import memoryformer.hf`'s Auto registration (a registered class beats remote code)."""
+    """Undo `import memoryformer.integrations.hf`'s Auto registration (a registered class beats remote code)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    import memoryformer.hf
+    import memoryformer.integrations.hf
 
     extra_configs = getattr(CONFIG_MAPPING, "_extra_content", None)
     extra_models = getattr(MODEL_FOR_CAUSAL_LM_MAPPING, "_extra_content", None)
     if extra_configs is None or extra_models is None:
         pytest.skip("this transformers keeps registrations elsewhere")
     monkeypatch.delitem(extra_configs, "memoryformer", raising=False)
-    monkeypatch.delitem(extra_models, memoryformer.hf.MemoryFormerConfig, raising=False)
+    monkeypatch.delitem(extra_models, memoryformer.integrations.hf.MemoryFormerConfig, raising=False)
 
     def not_this_class(*args, **kwargs):
-        raise AssertionError("trust_remote_code should run the exported modeling file, not memoryformer.hf")
+        raise AssertionError("trust_remote_code should run the exported modeling file, not memoryformer.integrations.hf")
 
-    monkeypatch.setattr(memoryformer.hf.MemoryFormerForCausalLM, "forward", not_this_class)
+    monkeypatch.setattr(memoryformer.integrations.hf.MemoryFormerForCausalLM, "forward", not_this_class)
 
 
 def test_memoryformer_export_runs_under_hf_with_trust_remote_code(setup, monkeypatch):

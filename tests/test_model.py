@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from memoryformer import LanguageModel, ModelConfig
-from memoryformer.config import PRESETS
-from memoryformer.model import MemoryFormerBlock, PythiaBlock, RMSNorm, apply_rotary, sample_next_token
+from memoryformer.core.config import PRESETS
+from memoryformer.core.model import MemoryFormerBlock, PythiaBlock, RMSNorm, apply_rotary, sample_next_token
 
 ARCHS = ["mf-test", "pythia-test"]
 
@@ -84,7 +84,7 @@ def test_memoryformer_block_matches_handwritten_reference():
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 6, cfg.d_model, dtype=torch.float64)
-    from memoryformer.model import rotary_cos_sin
+    from memoryformer.core.model import rotary_cos_sin
 
     rope = rotary_cos_sin(torch.arange(6), cfg.rotary_dims, cfg.rotary_base, torch.float64)
 
@@ -110,7 +110,7 @@ def test_memoryformer_block_matches_handwritten_reference():
 @pytest.mark.parametrize("parallel_residual", [True, False])
 def test_pythia_matches_transformers_gpt_neox(rotary_pct, parallel_residual):
     transformers = pytest.importorskip("transformers")
-    from memoryformer.neox import config_to_hf
+    from memoryformer.integrations.neox import config_to_hf
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("pythia-test", rotary_pct=rotary_pct, parallel_residual=parallel_residual)
@@ -129,7 +129,7 @@ def test_pythia_matches_transformers_gpt_neox(rotary_pct, parallel_residual):
 
 def test_from_hf_gpt_neox_loads_a_saved_directory(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from memoryformer.neox import config_to_hf
+    from memoryformer.integrations.neox import config_to_hf
 
     torch.manual_seed(0)
     hf = transformers.GPTNeoXForCausalLM(config_to_hf(ModelConfig.from_preset("pythia-test"))).eval()
@@ -261,7 +261,7 @@ def test_init_stds():
 
 
 def test_rotary_tables_are_cached_grown_and_exact():
-    from memoryformer.model import rotary_cos_sin
+    from memoryformer.core.model import rotary_cos_sin
 
     model = LanguageModel(ModelConfig.from_preset("mf-test", max_seq_len=3000))
     cos, sin = model._rotary_tables(torch.device("cpu"), torch.float32, 10)

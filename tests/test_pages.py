@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from memoryformer import LanguageModel, ModelConfig, pages
+from memoryformer import LanguageModel, ModelConfig
+from memoryformer.inference import pages
 
 
 def _anon_huge_kb() -> int:

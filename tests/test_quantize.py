@@ -1,4 +1,4 @@
-"""Lower-precision inference (memoryformer.quantize) against float64 references: int8 / bf16 heads and
+"""Lower-precision inference (memoryformer.inference.quantize) against float64 references: int8 / bf16 heads and
 Memory Layer tables, whole quantized models, option errors and precision_report."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from memoryformer import LanguageModel, MemoryLayer, ModelConfig, kernels, memory_layer
-from memoryformer.evaluate import perplexity
-from memoryformer.quantize import (
+from memoryformer.evaluation.evaluate import perplexity
+from memoryformer.inference.quantize import (
     DEFAULT_OPTIONS,
     BF16Linear,
     BF16MemoryLayer,

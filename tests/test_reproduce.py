@@ -9,8 +9,8 @@ import random
 import pytest
 
 from memoryformer.cli import main
-from memoryformer.config import ModelConfig
-from memoryformer.reproduce import (
+from memoryformer.core.config import ModelConfig
+from memoryformer.research.reproduce.runner import (
     EXPERIMENTS,
     ORDER,
     Settings,
@@ -94,7 +94,7 @@ def test_reference_arm_is_shared_between_experiments():
 def test_paper_deltas_are_log_ppl_ratios():
     import math
 
-    from memoryformer.reproduce import paper_deltas
+    from memoryformer.research.reproduce.runner import paper_deltas
 
     tau = paper_deltas("tau")
     assert tau["8"] == 0.0 and tau["10"] == pytest.approx(math.log(18.67 / 18.82))
@@ -104,7 +104,7 @@ def test_paper_deltas_are_log_ppl_ratios():
 
 
 def test_lr_tags():
-    from memoryformer.reproduce import _lr_tag
+    from memoryformer.research.reproduce.runner import _lr_tag
 
     assert [_lr_tag(x) for x in (1e-3, 3e-3, 6e-3, 1.2e-2, 0.5)] == ["1e-3", "3e-3", "6e-3", "1.2e-2", "5e-1"]
 
@@ -186,12 +186,12 @@ def test_runner_trains_caches_and_reports(tmp_path, corpus, monkeypatch):
     assert (results / "gelu.png").stat().st_size > 5_000
 
     # a second run reuses the finished arms (no training), and the usage experiment reuses the reference
-    import memoryformer.train
+    import memoryformer.train.loop
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached arm was trained again")
 
-    monkeypatch.setattr(memoryformer.train, "train", no_training)
+    monkeypatch.setattr(memoryformer.train.loop, "train", no_training)
     again = run_experiment("gelu", s)
     assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in rows]
     usage = run_experiment("usage", s)
@@ -237,8 +237,8 @@ def test_runner_twin_and_cli(tmp_path, corpus, capsys):
 def test_full_scale_configs_are_the_papers_runs():
     from pathlib import Path
 
-    from memoryformer.config import PAPER_PAIRS
-    from memoryformer.train import TrainConfig
+    from memoryformer.core.config import PAPER_PAIRS
+    from memoryformer.train.loop import TrainConfig
 
     root = Path(__file__).resolve().parents[1] / "experiments" / "full_scale"
     pairs = json.loads((root / "pairs.json").read_text())

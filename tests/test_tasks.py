@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from memoryformer.tasks import (
+from memoryformer.evaluation.tasks import (
     TASKS,
     Completion,
     MultipleChoice,
@@ -20,7 +20,7 @@ from memoryformer.tasks import (
     load_task,
     write_lm_eval_tasks,
 )
-from memoryformer.tasks.hellaswag import capitalize_last_fragment, preprocess
+from memoryformer.evaluation.tasks.hellaswag import capitalize_last_fragment, preprocess
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

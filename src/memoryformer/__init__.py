@@ -1,8 +1,8 @@
 """MemoryFormer: transformers whose fully-connected layers are hash-table Memory Layers."""
 
-from memoryformer.config import PRESETS, ModelConfig
-from memoryformer.layer import MemoryLayer, gather_sum, memory_hash, memory_layer
-from memoryformer.model import KVCache, LanguageModel
+from memoryformer.core.config import PRESETS, ModelConfig
+from memoryformer.core.layer import MemoryLayer, gather_sum, memory_hash, memory_layer
+from memoryformer.core.model import KVCache, LanguageModel
 
 __all__ = [
     "KVCache", "LanguageModel", "MemoryLayer", "ModelConfig", "PRESETS",

@@ -1,10 +1,10 @@
-"""`memoryformer demo`: the main job (see memoryformer.demo)."""
+"""`memoryformer demo`: the main job (see memoryformer.research.demo)."""
 
 from __future__ import annotations
 
 import argparse
 
-from memoryformer.demo import DemoSettings
+from memoryformer.research.demo import DemoSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.demo import run_demo
+    from memoryformer.research.demo import run_demo
 
     settings = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr_memoryformer=args.lr_memoryformer, lr_dense=args.lr_dense,

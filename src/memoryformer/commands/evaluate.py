@@ -44,20 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model_for_eval(path: str | Path, device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a training run, a checkpoint file or a Hugging Face directory.
 
-    Uses `memoryformer.hf.load_any` (which also reads HF directories) when transformers is installed,
-    else `memoryformer.checkpoint.load_model`. The model maps ids (batch, seq) to `(logits, loss)`.
+    Uses `memoryformer.integrations.hf.load_any` (which also reads HF directories) when transformers is installed,
+    else `memoryformer.train.checkpoint.load_model`. The model maps ids (batch, seq) to `(logits, loss)`.
     """
     try:
-        from memoryformer.hf import load_any as load
+        from memoryformer.integrations.hf import load_any as load
     except ImportError:  # no transformers: training runs and checkpoint files only
         try:
-            from memoryformer.checkpoint import load_model as load
+            from memoryformer.train.checkpoint import load_model as load
         except ImportError as err:
-            if err.name != "memoryformer.checkpoint":  # a broken import inside it: show that
+            if err.name != "memoryformer.train.checkpoint":  # a broken import inside it: show that
                 raise
             raise RuntimeError(
-                f"cannot load {path}: this install has no memoryformer.checkpoint.load_model; build a "
-                "memoryformer.evaluate.Scorer from your own model and tokenizer instead"
+                f"cannot load {path}: this install has no memoryformer.train.checkpoint.load_model; build a "
+                "memoryformer.evaluation.evaluate.Scorer from your own model and tokenizer instead"
             ) from None
     model, tokenizer = load(path, device=device or "cpu")
     if tokenizer is None:
@@ -71,7 +71,7 @@ def _split(values: list[str]) -> list[str]:
 
 def resolve_tasks(args: argparse.Namespace) -> dict[str, Path]:
     """{task name: data file} from --task, --data and --data-root, with clear errors."""
-    from memoryformer.tasks import PAPER_TASKS, TASKS, get_task, task_path
+    from memoryformer.evaluation.tasks import PAPER_TASKS, TASKS, get_task, task_path
 
     names: list[str] = []
     for name in _split(args.task):
@@ -91,7 +91,7 @@ def resolve_tasks(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.tasks import TASKS, load_task, write_lm_eval_tasks
+    from memoryformer.evaluation.tasks import TASKS, load_task, write_lm_eval_tasks
 
     if args.list_tasks:
         for name, info in TASKS.items():
@@ -136,7 +136,7 @@ def build_scorer(args: argparse.Namespace):
     """Load --model and wrap it in a `Scorer` with the CLI's settings."""
     import torch
 
-    from memoryformer.evaluate import Scorer
+    from memoryformer.evaluation.evaluate import Scorer
 
     model, tokenizer = load_model_for_eval(args.model, args.device)
     model.eval()

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MemoryFormerForCausalLM; memoryformer: our classes for both")
     parser.add_argument("--no-remote-code", action="store_true",
                         help="do not write modeling_memoryformer.py / auto_map (loading then needs "
-                             "`import memoryformer.hf`)")
+                             "`import memoryformer.integrations.hf`)")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the saved weights (default: keep their dtype)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from memoryformer.hf import load_any, save_pretrained
+    from memoryformer.integrations.hf import load_any, save_pretrained
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

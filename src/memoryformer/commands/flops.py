@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from memoryformer import flops
-from memoryformer.config import PRESETS
+from memoryformer.core.config import PRESETS
+from memoryformer.research import flops
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

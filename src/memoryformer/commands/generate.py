@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the model's own")
     parser.add_argument("--device", help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--tables", choices=["bf16", "int8"],
-                        help="MemoryFormer tables in lower precision (memoryformer.quantize; docs/precision.md)")
+                        help="MemoryFormer tables in lower precision (memoryformer.inference.quantize; docs/precision.md)")
     parser.add_argument("--head", choices=["bf16", "int8"], help="the LM head in lower precision")
 
 
@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from memoryformer.data.tokenizer import eot_id, load_tokenizer
-    from memoryformer.hf import check_tokenizer, load_any
-    from memoryformer.pages import use_huge_pages
-    from memoryformer.quantize import quantize_model
+    from memoryformer.inference.pages import use_huge_pages
+    from memoryformer.inference.quantize import quantize_model
+    from memoryformer.integrations.hf import check_tokenizer, load_any
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

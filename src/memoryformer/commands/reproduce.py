@@ -1,11 +1,11 @@
 """`memoryformer reproduce EXPERIMENT`: the paper's comparisons and ablations at small scale
-(see memoryformer.reproduce)."""
+(see memoryformer.research.reproduce.runner)."""
 
 from __future__ import annotations
 
 import argparse
 
-from memoryformer.reproduce import ORDER, Settings
+from memoryformer.research.reproduce.runner import ORDER, Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.reproduce import EXPERIMENTS, flags_of, run
+    from memoryformer.research.reproduce.runner import EXPERIMENTS, flags_of, run
 
     changes = {k: getattr(args, k) for k in ("data", "out", "results", "steps", "seeds", "depths", "lr_sweep",
                                             "batch_size", "seq_len", "vocab_size", "max_bytes", "threads")

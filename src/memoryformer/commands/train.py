@@ -80,9 +80,9 @@ def _read_json(path: str, what: str) -> dict:
 
 def _configs(args: argparse.Namespace):
     """(ModelConfig, TrainConfig, data dir) from the flags, the files they name and, on resume, the run."""
-    from memoryformer.checkpoint import CONFIG_FILE, read_run_info
-    from memoryformer.config import ModelConfig
-    from memoryformer.train import TrainConfig
+    from memoryformer.core.config import ModelConfig
+    from memoryformer.train.checkpoint import CONFIG_FILE, read_run_info
+    from memoryformer.train.loop import TrainConfig
 
     out = Path(args.out)
     resuming = args.resume is True or (args.resume == "auto" and (out / CONFIG_FILE).is_file())
@@ -142,7 +142,7 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.train import train
+    from memoryformer.train.loop import train
 
     model_config, train_config, data_dir = _configs(args)
     try:

@@ -1,6 +1,6 @@
 """Fast CPU paths for the Memory Layer, behind torch.library custom ops (`torch.ops.memoryformer.*`).
 
-The math is memoryformer.layer's (the pure-PyTorch reference, always available); these kernels fuse
+The math is memoryformer.core.layer's (the pure-PyTorch reference, always available); these kernels fuse
 the hash with the weighted gather, split a token's output columns across threads at small N, work
 table-row by table-row at large N, and compute the table / weight / input gradients without a
 dense `embedding_bag` backward. Nothing compiles at import: the first use builds the C++ source
@@ -20,8 +20,8 @@ Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
 Dtypes: x and tables float32 or bfloat16 (outputs and table gradients in the table's dtype,
 accumulation in float32); int8 tables for inference. Other dtypes/devices take the pure path.
 
-The layer dispatches here: memoryformer.layer.memory_layer through `try_memory_layer` and
-memoryformer.layer.memory_hash through `try_memory_hash` (so a shared hash equals the fused one).
+The layer dispatches here: memoryformer.core.layer.memory_layer through `try_memory_layer` and
+memoryformer.core.layer.memory_hash through `try_memory_hash` (so a shared hash equals the fused one).
 Switches: MEMORYFORMER_KERNELS=0 (pure path), =force (kernels at every shape), unset/1 ("auto");
 `with kernels.backend("torch"): ...` for one block.
 
@@ -100,7 +100,7 @@ def _biases(x: Tensor, biases) -> list[Tensor]:
 def _require() -> None:
     if not load():
         raise RuntimeError(
-            f"memoryformer kernels are unavailable ({last_error()!r}); use memoryformer.layer instead"
+            f"memoryformer kernels are unavailable ({last_error()!r}); use memoryformer.core.layer instead"
         )
 
 
@@ -125,8 +125,8 @@ def memory_layers(
     if len(biases) != len(tables):
         raise ValueError(f"got {len(tables)} tables but {len(biases)} biases; pass None for no bias")
     if get_backend() == "torch" or not supported(x, *tables) or not load():
-        from memoryformer.layer import memory_hash as ref_hash
-        from memoryformer.layer import memory_layer as ref_layer
+        from memoryformer.core.layer import memory_hash as ref_hash
+        from memoryformer.core.layer import memory_layer as ref_layer
 
         hashed = ref_hash(x, tau, weighting, temperature)
         return [ref_layer(x, t, b, tau=tau, weighting=weighting, temperature=temperature, hashed=hashed)
@@ -200,7 +200,7 @@ def memory_layer_int8(
     Returns (..., out_features) float32. Without the kernels, dequantises and uses the pure path.
     """
     if not (get_backend() != "torch" and supported(x) and load()):
-        from memoryformer.layer import memory_layer as ref_layer
+        from memoryformer.core.layer import memory_layer as ref_layer
 
         table = qtable.float() * scales.float()[:, None]
         return ref_layer(x.float(), table, None if bias is None else bias.float(), tau=tau,
@@ -310,7 +310,7 @@ def try_memory_hash(x: Tensor, tau: int, weighting: str, temperature: float) -> 
     """The layer's hash hook: (rows, weights) from the kernel, or None for the pure path.
 
     Used so that a shared hash (`MemoryLayer.hash` then `forward(x, hashed)`) gives exactly the
-    fused kernel's weights. Inputs are already validated by memoryformer.layer.memory_hash.
+    fused kernel's weights. Inputs are already validated by memoryformer.core.layer.memory_hash.
     """
     if not _active(x):
         return None
@@ -330,7 +330,7 @@ def try_memory_layer(
 ) -> Tensor | None:
     """The layer's hook: the kernel result, or None to take the pure-PyTorch path.
 
-    Inputs are already validated by memoryformer.layer.memory_layer.
+    Inputs are already validated by memoryformer.core.layer.memory_layer.
     """
     mode = get_backend()
     if mode == "torch" or x.dtype not in _DTYPES or table.dtype not in _DTYPES or not (x.is_cpu and table.is_cpu):

@@ -3,7 +3,7 @@
 Backends:
     "auto"    (default) the C++ kernels where they are supported and measured faster, else pure PyTorch;
     "kernels" the C++ kernels wherever they are supported (dtype, device), whatever the shape;
-    "torch"   always the pure-PyTorch reference path of memoryformer.layer.
+    "torch"   always the pure-PyTorch reference path of memoryformer.core.layer.
 
 The default comes from the environment variable MEMORYFORMER_KERNELS: 0/off/torch -> "torch",
 1/on/auto (or unset) -> "auto", force/kernels -> "kernels".

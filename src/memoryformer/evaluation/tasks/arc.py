@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memoryformer.tasks.base import MultipleChoice, TaskFormatError, field, read_jsonl
+from memoryformer.evaluation.tasks.base import MultipleChoice, TaskFormatError, field, read_jsonl
 
 
 def load_docs(path: str | Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from memoryformer.config import ModelConfig
+from memoryformer.core.config import ModelConfig
 
 _OUTER = [("embed.", "gpt_neox.embed_in."), ("blocks.", "gpt_neox.layers."),
           ("norm.", "gpt_neox.final_layer_norm."), ("head.", "embed_out."), ("head.", "lm_head.")]

@@ -6,7 +6,7 @@ weights but not on biases or norm parameters; linear warmup over 1% of the steps
 Pythia twin's (`paper_lr`).
 
     from memoryformer import ModelConfig
-    from memoryformer.train import TrainConfig, train
+    from memoryformer.train.loop import TrainConfig, train
     result = train(ModelConfig.from_preset("mf-demo"), TrainConfig(max_steps=500, batch_size=16),
                    "data/tokens", "runs/mf-demo")
     result.losses, result.evals, result.val_ppl, result.tokens_per_s
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from memoryformer import checkpoint as ckpt
-from memoryformer import distributed as D
-from memoryformer.config import PRESETS, JsonConfig, ModelConfig
+from memoryformer.core.config import PRESETS, JsonConfig, ModelConfig
+from memoryformer.train import checkpoint as ckpt
+from memoryformer.train import distributed as D
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -150,7 +150,7 @@ class TrainConfig(JsonConfig):
 
 
 def _norm_types() -> tuple[type, ...]:
-    from memoryformer.model import RMSNorm
+    from memoryformer.core.model import RMSNorm
 
     types: list[type] = [nn.LayerNorm, nn.GroupNorm, RMSNorm]
     if hasattr(nn, "RMSNorm"):
@@ -231,15 +231,15 @@ def _restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[
 
 
 def flops_per_token(model_config: ModelConfig, seq_len: int, model: nn.Module | None = None) -> float:
-    """Training FLOPs per token (memoryformer.flops when present, else 6 x non-embedding parameters)."""
+    """Training FLOPs per token (memoryformer.research.flops when present, else 6 x non-embedding parameters)."""
     try:
-        from memoryformer.flops import training_flops_per_token
+        from memoryformer.research.flops import training_flops_per_token
     except ImportError:
         training_flops_per_token = None
     if training_flops_per_token is not None:
         return float(training_flops_per_token(model_config, seq_len))
     if model is None:
-        from memoryformer.model import LanguageModel
+        from memoryformer.core.model import LanguageModel
 
         with torch.device("meta"):
             model = LanguageModel(model_config)
@@ -530,8 +530,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
     SIGINT / SIGTERM: the current step finishes, a checkpoint is written and the result comes
     back with `interrupted` set to the signal's name.
     """
+    from memoryformer.core.model import LanguageModel
     from memoryformer.data import TokenData
-    from memoryformer.model import LanguageModel
 
     out = Path(out_dir)
     data = TokenData(data_dir)

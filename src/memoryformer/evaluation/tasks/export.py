@@ -17,7 +17,7 @@ from pathlib import Path
 
 def yaml_template(name: str) -> str:
     """The shipped lm-eval YAML for task `name` (without the `mf_` prefix), data path unfilled."""
-    return resources.files("memoryformer.tasks").joinpath(f"mf_{name}.yaml").read_text(encoding="utf-8")
+    return resources.files("memoryformer.evaluation.tasks").joinpath(f"mf_{name}.yaml").read_text(encoding="utf-8")
 
 
 def write_lm_eval_tasks(
@@ -33,7 +33,7 @@ def write_lm_eval_tasks(
     in `sources`), every task whose standard file exists under it is written. Returns the lm-eval
     task names written, e.g. ["mf_piqa", ...].
     """
-    from memoryformer.tasks import TASKS, get_task, load_docs
+    from memoryformer.evaluation.tasks import TASKS, get_task, load_docs
 
     chosen: dict[str, Path] = {get_task(name).name: Path(path) for name, path in (sources or {}).items()}
     if data_root is not None:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memoryformer import kernels as _kernels
-from memoryformer.config import ModelConfig
-from memoryformer.layer import MemoryLayer
+from memoryformer.core.config import ModelConfig
+from memoryformer.core.layer import MemoryLayer
 
 # ---------------------------------------------------------------------------------------------
 # Norms and rotary embedding
@@ -237,7 +237,7 @@ class MemoryFormerBlock(nn.Module):
 
 def _decode_tables(m: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """(table, bias, scales) of a Memory Layer the fused decode op can read, else None: a float32
-    MemoryLayer, or a bf16 / int8 inference layer of memoryformer.quantize (sums in float32 both ways)."""
+    MemoryLayer, or a bf16 / int8 inference layer of memoryformer.inference.quantize (sums in float32 both ways)."""
     if type(m) is MemoryLayer:
         p = m._parameters
         return (p["table"], p.get("bias"), None) if p["table"].dtype == torch.float32 else None
@@ -447,7 +447,7 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_hf_gpt_neox(cls, model_or_path: Any) -> LanguageModel:
         """Load a transformers `GPTNeoXForCausalLM` (an instance or a directory / hub name) as a Pythia twin."""
-        from memoryformer.neox import config_from_hf, state_dict_from_hf
+        from memoryformer.integrations.neox import config_from_hf, state_dict_from_hf
 
         if isinstance(model_or_path, (str, Path)):
             from transformers import GPTNeoXForCausalLM

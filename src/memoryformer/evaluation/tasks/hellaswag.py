@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from memoryformer.tasks.base import MultipleChoice, TaskFormatError, field, read_jsonl, read_lines
+from memoryformer.evaluation.tasks.base import MultipleChoice, TaskFormatError, field, read_jsonl, read_lines
 
 _SENTENCE_END = re.compile(r"[.!?] ")
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from memoryformer.tasks import Completion, Item, MultipleChoice, get_task
+from memoryformer.evaluation.tasks import Completion, Item, MultipleChoice, get_task
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # idx (batch, seq) long -> logits (batch, seq, vocab)
 Encoder = Callable[[str], list[int]]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memoryformer.tasks import arc, hellaswag, lambada, logiqa, piqa, winogrande, wsc273
-from memoryformer.tasks.base import Completion, Item, MultipleChoice, TaskFormatError
+from memoryformer.evaluation.tasks import arc, hellaswag, lambada, logiqa, piqa, winogrande, wsc273
+from memoryformer.evaluation.tasks.base import Completion, Item, MultipleChoice, TaskFormatError
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def load_task(name: str, path: str | Path | None = None, *, data_root: str | Pat
     return [info.to_item(doc) for doc in load_docs(name, path, data_root=data_root, limit=limit)]
 
 
-from memoryformer.tasks.export import write_lm_eval_tasks  # noqa: E402  (needs TASKS above)
+from memoryformer.evaluation.tasks.export import write_lm_eval_tasks  # noqa: E402  (needs TASKS above)
 
 __all__ = [
     "PAPER_TASKS", "TASKS", "Completion", "Item", "MultipleChoice", "TaskFormatError", "TaskInfo",

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memoryformer.config import ModelConfig
+from memoryformer.core.config import ModelConfig
 
 FORMAT = "memoryformer-checkpoint"
 VERSION = 1
@@ -341,7 +341,7 @@ def _load_safetensors(path: Path, device: str | torch.device):
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from memoryformer.model import LanguageModel
+    from memoryformer.core.model import LanguageModel
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -376,7 +376,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     `path` is a run directory (the newer of its latest checkpoint and model.safetensors), a
     checkpoint file (`.pt`) or a safetensors file. The tokenizer is the run's tokenizer.json."""
-    from memoryformer.model import LanguageModel
+    from memoryformer.core.model import LanguageModel
 
     path = Path(path)
     if not path.exists():

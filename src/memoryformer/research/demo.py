@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from memoryformer.config import ModelConfig
+from memoryformer.core.config import ModelConfig
 
 ARMS = (("memoryformer", "mf-demo"), ("dense", "pythia-demo"))
 
@@ -94,8 +94,8 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from memoryformer.data import TokenData
-    from memoryformer.flops import forward_flops_per_token
-    from memoryformer.train import TrainConfig, train
+    from memoryformer.research.flops import forward_flops_per_token
+    from memoryformer.train.loop import TrainConfig, train
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memoryformer import kernels
-from memoryformer.layer import MemoryLayer, _check_hashed, _check_input, memory_hash
+from memoryformer.core.layer import MemoryLayer, _check_hashed, _check_input, memory_hash
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -73,7 +73,7 @@ class _QuantizedMemoryLayer(nn.Module):
     bias (out,) float32 or None."""
 
     precision = ""
-    fused_decode = True  # memoryformer.model's fused decode op reads table, bias (and scales) directly
+    fused_decode = True  # memoryformer.core.model's fused decode op reads table, bias (and scales) directly
 
     def __init__(self, layer: MemoryLayer) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memoryformer.tasks.base import (
+from memoryformer.evaluation.tasks.base import (
     MultipleChoice,
     TaskFormatError,
     field,

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from memoryformer.config import ModelConfig
+from memoryformer.core.config import ModelConfig
 
 ARCH_LABEL = {"memoryformer": "MF", "pythia": "twin"}
 
@@ -350,7 +350,7 @@ def prepare_data(s: Settings) -> Path:
 
 
 def train_config(s: Settings, arm: Arm):
-    from memoryformer.train import TrainConfig
+    from memoryformer.train.loop import TrainConfig
 
     return TrainConfig(batch_size=s.batch_size, seq_len=s.seq_len, max_steps=s.steps, lr=arm.lr,
                        warmup_frac=s.warmup_frac, eval_every=s.eval_every, eval_batches=s.eval_batches or None,
@@ -366,7 +366,7 @@ def arm_dir(s: Settings, arm: Arm, data: Path) -> Path:
 
 def model_numbers(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
     """FLOPs, table memory and parameters of a config (no training needed)."""
-    from memoryformer import flops as F
+    from memoryformer.research import flops as F
 
     breakdown = F.model_breakdown(cfg)
     counts = breakdown.total.counts
@@ -389,9 +389,9 @@ def model_numbers(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
 
 def run_arm(s: Settings, arm: Arm, data: Path) -> dict[str, Any]:
     """Train one arm (or reuse its finished run) and return its result row."""
-    from memoryformer.analysis import BucketCounter, usage_hook, usage_summary
     from memoryformer.data import TokenData
-    from memoryformer.train import train, validation_loss
+    from memoryformer.research.analysis import BucketCounter, usage_hook, usage_summary
+    from memoryformer.train.loop import train, validation_loss
 
     out = arm_dir(s, arm, data)
     cached = out / "arm.json"
@@ -611,7 +611,7 @@ def _history(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot_bars(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: Path, data: Path) -> list[Path]:
-    from memoryformer.analysis import plot_arms
+    from memoryformer.research.analysis import plot_arms
 
     exp = EXPERIMENTS[name]
     return [plot_arms(rows, results / f"{name}.png", label="name",
@@ -619,8 +619,8 @@ def _plot_bars(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: 
 
 
 def _plot_twin(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: Path, data: Path) -> list[Path]:
-    from memoryformer.analysis import plot_loss_curves, plot_lr_sweep
-    from memoryformer.flops import plot_figure1
+    from memoryformer.research.analysis import plot_loss_curves, plot_lr_sweep
+    from memoryformer.research.flops import plot_figure1
 
     paths = [plot_lr_sweep(rows, results / "twin.png", group=lambda r: f"{ARCH_LABEL[r['architecture']]}, "
                            f"{r['n_layers']} layers", title="MemoryFormer vs Pythia twin: held-out loss against LR "
@@ -647,7 +647,8 @@ def _plot_twin(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: 
 
 def _plot_usage(s: Settings, name: str, rows: Sequence[dict[str, Any]], results: Path, data: Path) -> list[Path]:
     """Figure 4 of the reference arm (train and held-out text) and usage during training."""
-    from memoryformer.analysis import (
+    from memoryformer.data import TokenData
+    from memoryformer.research.analysis import (
         bucket_counts,
         data_windows,
         dead_share,
@@ -656,8 +657,7 @@ def _plot_usage(s: Settings, name: str, rows: Sequence[dict[str, Any]], results:
         plot_usage_during_training,
         usage_summary,
     )
-    from memoryformer.checkpoint import load_model
-    from memoryformer.data import TokenData
+    from memoryformer.train.checkpoint import load_model
 
     row = rows[0]
     model, _ = load_model(row["run_dir"])
@@ -793,7 +793,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
                          f"{v['entropy_ratio']:.3f} ({v['min_entropy_ratio']:.3f}) | {v['dead_share']:.1%} "
                          f"({v['max_dead_share']:.1%}) | {v['uniform_entropy_ratio']:.3f}, {v['uniform_dead_share']:.1%} |")
         n = report["settings"]["usage_windows"] * report["settings"]["seq_len"]
-        from memoryformer.analysis import uniform_reference
+        from memoryformer.research.analysis import uniform_reference
 
         lines += ["", f"During training (the first {n:,} held-out tokens, scored at each evaluation; Q stands for Q, K, V; "
                   f"on so few tokens a uniform hash would leave {uniform_reference(1024, n)['expected_dead_share']:.1%} "

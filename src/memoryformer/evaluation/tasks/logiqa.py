@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memoryformer.tasks.base import MultipleChoice, TaskFormatError, field, read_jsonl, read_lines
+from memoryformer.evaluation.tasks.base import MultipleChoice, TaskFormatError, field, read_jsonl, read_lines
 
 LETTERS = ("a", "b", "c", "d")
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memoryformer.config import PRESETS, ModelConfig
-from memoryformer.layer import MemoryLayer
+from memoryformer.core.config import PRESETS, ModelConfig
+from memoryformer.core.layer import MemoryLayer
 
 CONVENTIONS = {
     "paper": "paper convention: 1 FLOP = 1 multiply-add",
@@ -334,7 +334,7 @@ def parameter_breakdown(module: nn.Module, *, head: nn.Module | None = None) -> 
     nn.Embedding -> embedding; RMSNorm / nn.LayerNorm -> norms (weight and bias); every bias of a
     MemoryLayer or nn.Linear -> biases; anything else -> other.
     """
-    from memoryformer.model import RMSNorm
+    from memoryformer.core.model import RMSNorm
 
     result = ParameterBreakdown()
     seen: set[int] = set()
@@ -387,7 +387,7 @@ class ModelBreakdown:
 
 def build_meta_model(config: ModelConfig) -> nn.Module:
     """`LanguageModel(config)` on the meta device: shapes only, no memory allocated."""
-    from memoryformer.model import LanguageModel
+    from memoryformer.core.model import LanguageModel
 
     with torch.device("meta"):
         return LanguageModel(config)
