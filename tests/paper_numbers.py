@@ -1,7 +1,7 @@
 """The paper's (and the spec's) numbers that tests check: one source of truth.
 
-Sources: ../shared/docs/memoryformer-spec.md §5.3 (parameter counts, table storage), §8 (FLOPs
-formulas, Figure 1) and §9 (Tables 1, 3, 5). Values are copied as printed; where the paper's print
+Sources: the paper's section 3.1 (parameter counts, table storage), Table 1 (FLOPs
+formulas, Figure 1) and Tables 1, 3, 5. Values are copied as printed; where the paper's print
 disagrees with its own formula, both are recorded and the disagreement is named.
 
 Units: FLOPs in G = 1e9 in the paper's convention (one multiply-add = one FLOP); memory in decimal
@@ -39,7 +39,7 @@ FIGURE1_SEQ_LENS = (1024, 2048)
 # MemoryFormer / Transformer at d = 2048, s = 2048 (K = d / 8); the paper says "~19%"
 FIGURE1_RATIO_D2048_S2048 = 0.196
 
-# ---- spec §5.3: parameters and table storage per MemoryFormer block ----------------------------
+# ---- parameters and table storage per MemoryFormer block ----------------------------
 # preset -> per-layer parameter counts of one block's hash tables, in M (1e6), rounded to 0.1 M
 SPEC_BLOCK_TABLE_PARAMS_M: dict[str, dict[str, float]] = {
     "mf-tiny": {"qkv": 25.2, "ml1": 10.5, "ml2": 33.6},
@@ -53,7 +53,7 @@ SPEC_TABLE_MB_PER_BLOCK_FP16: dict[str, float] = {"mf-tiny": 138.4, "mf-small": 
 
 # ---- Table 3: tau / K trade-off, Memory Layer Q only, s = 2048 ---------------------------------
 # (d, tau, K, h) -> (FLOPs in G as printed, memory size in MB as printed). h = output width of
-# the Q layer; the d = 510 row needs h = 512 to give 53.5 MB (spec §8).
+# the Q layer; the d = 510 row needs h = 512 to give 53.5 MB (Table 1).
 TABLE3_SEQ_LEN = 2048
 TABLE3: list[tuple[tuple[int, int, int, int], tuple[float, float]]] = [
     ((512, 4, 128, 512), (0.14, 2.1)),
@@ -72,7 +72,7 @@ TABLE5_MEMORY_BLOCK_MB: dict[int, float] = {0: 33.6, 1: 52.4, 2: 88.1, 3: 157.3}
 
 # ---- the dense twins: total parameters of the released Pythia models ---------------------------
 # From the EleutherAI/pythia README model table ("Total Params"); the twins are GPT-NeoX exactly
-# (spec §12.7), so a meta-device build must match these to the parameter.
+# (Pythia's own configs), so a meta-device build must match these to the parameter.
 PYTHIA_TOTAL_PARAMS: dict[str, int] = {
     "pythia-70m": 70_426_624,
     "pythia-160m": 162_322_944,

@@ -298,7 +298,7 @@ def test_cuda_matches_cpu():
 
 
 def test_weight_formula_closed_form():
-    # spec §2.3: p(z) = 1 / prod(1 + exp(-2|z|/t)); l1 = ||z||_1 * p with t = 1
+    # paper Eq. 10: p(z) = 1 / prod(1 + exp(-2|z|/t)); l1 = ||z||_1 * p with t = 1
     z = torch.tensor([[0.3, -1.2, 0.0, 2.5]], dtype=torch.float64)
     p = 1.0 / math.prod(1 + math.exp(-2 * abs(v) / 0.7) for v in z[0].tolist())
     _, w = memory_hash(z, 4, "prob", 0.7)

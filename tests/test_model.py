@@ -71,12 +71,12 @@ def test_memoryformer_block_structure():
     assert mlp.ml2.table.shape == (64 * 1024, 512) and mlp.ml2.tau == 10
     assert isinstance(block.attn_norm, RMSNorm) and isinstance(mlp.norm, torch.nn.LayerNorm)
     assert not any(isinstance(m, torch.nn.Linear) for m in block.modules())  # no W_O, no dense layers
-    # 69.2M parameters per block (spec §5.3)
+    # 69.2M parameters per block (paper section 3.1)
     assert sum(p.numel() for p in block.parameters()) / 1e6 == pytest.approx(69.2, abs=0.05)
 
 
 def test_memoryformer_block_matches_handwritten_reference():
-    """The block equals spec §4/§12 written out by hand, with the GeLU variant."""
+    """The block equals the paper's Eq. 13 written out by hand, with the GeLU variant."""
     torch.manual_seed(1)
     cfg = ModelConfig.from_preset("mf-test", memory_block_activation="gelu", rms_norm_eps=1e-6)
     block = MemoryFormerBlock(cfg, 0).double()

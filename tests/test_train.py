@@ -79,7 +79,7 @@ def test_decay_groups_memoryformer():
     decay, no_decay = decay_split(model)
     names = {n for n, _ in model.named_parameters()}
     assert set(decay) | set(no_decay) == names and not set(decay) & set(no_decay)
-    # independent rule written from the spec (§3.5): tables, embedding and head decay; biases and norms do not
+    # independent rule written from the official code's groups: tables, embedding and head decay; biases and norms do not
     expect_decay = {n for n in names if n.endswith(".table")} | {"embed.weight", "head.weight"}
     assert set(decay) == expect_decay
     assert {n for n in no_decay if n.endswith(".bias")} == {n for n in names if n.endswith(".bias")}

@@ -2,7 +2,7 @@
 
     python experiments/full_scale/make_configs.py      # rewrites configs/*.json and train/*.json
 
-Model: the package presets (spec §5, §12.6). Training: the Pythia recipe (spec §6, §12.8):
+Model: the package presets (paper section 3.1). Training: the Pythia recipe (paper section 3):
 sequence 2048, a global batch of 1024 sequences (about 2.1 M tokens), 143,000 steps (about 300 B
 tokens, Pythia's schedule; the official MemoryFormer config stopped at 106,418), AdamW (0.9, 0.95,
 eps 1e-8), weight decay 0.1, clip 1.0, 1% warmup then cosine to 0.1 x the peak LR, the paper's

@@ -3,7 +3,7 @@
 #   OUT=/shared/pile-tokens bash experiments/full_scale/prepare_pile.sh
 # Needs the network (Hugging Face Hub) and `pip install datasets`; about 207 B tokens -> 415 GB of
 # uint16 train.bin. The Pythia tokenizer: the Hub name below, or a local tokenizers JSON such as
-# ../shared/data/tokenizers/pythia-70m-deduped-tokenizer.json (TOKENIZER=path).
+# a local pythia-70m-deduped tokenizer.json (TOKENIZER=path).
 set -euo pipefail
 OUT=${OUT:?set OUT to the output directory}
 TOKENIZER=${TOKENIZER:-EleutherAI/pythia-70m-deduped}

@@ -1,8 +1,8 @@
 """`memoryformer eval`: zero-shot tasks and perplexity of a trained model; lm-eval task export.
 
-    memoryformer eval --model runs/mf-tiny --task piqa,arc_easy --data-root /work/shared/data/tasks
+    memoryformer eval --model runs/mf-tiny --task piqa,arc_easy --data-root tasks
     memoryformer eval --model runs/mf-tiny --task piqa --data piqa/valid.jsonl --ppl book.txt --json
-    memoryformer eval --write-lm-eval-tasks lm_eval_tasks --data-root /work/shared/data/tasks
+    memoryformer eval --write-lm-eval-tasks lm_eval_tasks --data-root tasks
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="data file of each --task, in the same order (repeatable or comma-separated)")
     parser.add_argument("--data-root", metavar="DIR",
-                        help="folder laid out like /work/shared/data/tasks, for tasks without --data")
+                        help="folder of task files (one sub-folder per task, see docs/training.md), for tasks without --data")
     parser.add_argument("--ppl", action="append", default=[], metavar="FILE",
                         help="text file to report perplexity and bits per byte on (repeatable)")
     parser.add_argument("--stride", type=int, metavar="N",

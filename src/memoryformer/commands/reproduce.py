@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", choices=(*ORDER, "all"), metavar="EXPERIMENT",
                         help=f"one of {', '.join(ORDER)}, or all")
     parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help="corpora to train on (files, directories, globs, .jsonl; e.g. ../shared/data/corpora/"
+                        help="corpora to train on (files, directories, globs, .jsonl; e.g. corpora/"
                              "gutenberg); default: the embedded default corpus")
     parser.add_argument("--out", help=f"prepared data and one run directory per arm (default {d.out}); "
                                       "finished arms are reused, unfinished ones resume")

@@ -1,6 +1,6 @@
 """ModelConfig: one dataclass for both architectures, with the paper's named presets.
 
-Presets follow ../shared/docs/memoryformer-spec.md §5 and §12.6: MemoryFormer tiny / small /
+Presets follow the paper's section 3.1 (docs/method.md, "Presets"): MemoryFormer tiny / small /
 base have the depth, width and heads of Pythia-70M / 160M / 410M, tau = 8, K = d / 8 and two
 expanding bits. Small presets of our own (`mf-demo`, `mf-test`, ...) exist for CPU runs and tests.
 """
@@ -158,7 +158,7 @@ _MF = dict(architecture="memoryformer", tau=8, expanding_bits=2)
 _PY = dict(architecture="pythia")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's models (spec §5.1, §12.6)
+    # the paper's models (section 3.1)
     "mf-tiny": dict(**_MF, n_layers=6, d_model=512, n_heads=8),
     "mf-small": dict(**_MF, n_layers=12, d_model=768, n_heads=12),
     "mf-base": dict(**_MF, n_layers=24, d_model=1024, n_heads=16),

@@ -12,7 +12,7 @@ The weight is differentiable, so gradients reach x although the hash does not:
     "l1"   (official code):  w_k = ||z_k||_1 * prod_j sigmoid(2 |z_kj|)
 
 The gather-and-sum is one `F.embedding_bag(mode="sum", per_sample_weights=...)` call, fused in
-forward and backward; no (N, K, out_features) tensor is ever built. See spec §2-3 and §12.
+forward and backward; no (N, K, out_features) tensor is ever built. See the paper's Eq. 6-12 and docs/method.md.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class MemoryLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Tables ~ N(0, init_std^2) (default 0.02, spec §12.5); bias zero (spec §12.3)."""
+        """Tables ~ N(0, init_std^2) (default 0.02); bias zero (docs/differences.md)."""
         nn.init.normal_(self.table, mean=0.0, std=self.init_std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)

@@ -2,11 +2,11 @@
 
     LanguageModel: token embedding -> n_layers blocks -> final norm -> untied head
 
-    MemoryFormerBlock (spec §4, §12):
+    MemoryFormerBlock (paper section 2.4, Eq. 13; docs/method.md):
         h = x + Attention(Q, K, V = three Memory Layers sharing one hash of RMSNorm(x))   # no W_O
         y = h + ML2(act(LayerNorm(ML1(RMSNorm(h)))))                                     # Memory Block
 
-    PythiaBlock (GPT-NeoX as Pythia uses it, spec §12.7):
+    PythiaBlock (GPT-NeoX as Pythia uses it):
         y = x + Attention(LayerNorm1(x)) + MLP(LayerNorm2(x))        (parallel residual)
 
 Both attend causally through `F.scaled_dot_product_attention`, with GPT-NeoX rotary embedding on the
@@ -35,7 +35,7 @@ from memoryformer.core.layer import MemoryLayer
 
 
 class RMSNorm(nn.Module):
-    """GPT-NeoX RMSNorm: `weight * x / (rms(x) + eps)` (eps added to the RMS, spec §4.2)."""
+    """GPT-NeoX RMSNorm: `weight * x / (rms(x) + eps)` (eps added to the RMS, as the official code does)."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
         super().__init__()
@@ -192,7 +192,7 @@ class MemoryFormerBlock(nn.Module):
         self.mlp = MemoryBlockMLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
-        """(B, T, d) -> (B, T, d); standard pre-norm residuals (spec §4.1)."""
+        """(B, T, d) -> (B, T, d); standard pre-norm residuals (paper Eq. 13)."""
         if cache is not None and x.shape[1] == 1:
             fused = self._decode_step(x, rope, cache)
             if fused is not None:
@@ -326,7 +326,7 @@ class LanguageModel(nn.Module):
     def _init_dense_weights(self) -> None:
         """small_init N(0, 2/(5d)) for embedding, head and dense weights; wang_init 2/(L sqrt d) for the
         Pythia output projections (GPT-NeoX's Pythia settings); zero biases. Memory Layers initialise
-        their own tables (Q/K/V: small_init; Memory Block: 0.02, spec §12.5)."""
+        their own tables (Q/K/V: small_init; Memory Block: 0.02; docs/method.md)."""
         std = self.config.resolved_init_std
         out_std = 2.0 / (self.config.n_layers * math.sqrt(self.config.d_model))
         nn.init.normal_(self.embed.weight, std=std)

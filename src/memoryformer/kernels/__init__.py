@@ -229,7 +229,7 @@ def decode_block(
     temperature: float = 1.0,
     gelu: bool = False,
 ) -> Tensor:
-    """One MemoryFormer block (spec §4) for one new token per sequence, in one op. Inference only.
+    """One MemoryFormer block (paper Eq. 13) for one new token per sequence, in one op. Inference only.
 
     Args:
         x: (B, d) block input, float32.

@@ -1,6 +1,6 @@
 """FLOPs, parameter and memory accounting for MemoryFormer and its dense Pythia twin.
 
-Three ways of counting compute, always labelled (spec §8, §12.9):
+Three ways of counting compute, always labelled (docs/method.md, "FLOPs"):
 
 * **paper convention** -- one multiply-add = one FLOP, the paper's per-block formulas:
   Transformer `12 s d^2 + 2 s^2 d`, MemoryFormer `6 K s d + 2 s^2 d` ("w/o Attn." drops `2 s^2 d`).
@@ -72,7 +72,7 @@ def paper_block_flops(
     num_tables: int | None = None,
     attention: bool = True,
 ) -> int:
-    """FLOPs of one block in the paper's convention (1 FLOP = 1 multiply-add), spec §8.
+    """FLOPs of one block in the paper's convention (1 FLOP = 1 multiply-add), as in the paper's Table 1.
 
     Transformer: `12 s d^2 + 2 s^2 d`; MemoryFormer: `6 K s d + 2 s^2 d` (`num_tables` = K,
     required for "memoryformer"). `attention=False` gives Table 1's "w/o Attn." column.

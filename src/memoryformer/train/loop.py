@@ -1,4 +1,4 @@
-"""The training loop: TrainConfig, the Pythia recipe (spec §12.8), logging, checkpoints, DDP / FSDP2.
+"""The training loop: TrainConfig, the Pythia recipe (docs/training.md), logging, checkpoints, DDP / FSDP2.
 
 Recipe: AdamW (betas 0.9 / 0.95, eps 1e-8), weight decay 0.1 on tables, embedding, head and dense
 weights but not on biases or norm parameters; linear warmup over 1% of the steps, then cosine to
@@ -40,7 +40,7 @@ from memoryformer.train import distributed as D
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# Peak learning rates of the paper (spec §6, §12.8): MemoryFormer uses 3 x its Pythia twin's.
+# Peak learning rates of the paper (section 3 of the paper): MemoryFormer uses 3 x its Pythia twin's.
 PAPER_LR = {
     "mf-tiny": 3e-3, "mf-small": 1.8e-3, "mf-base": 9e-4,
     "pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4,

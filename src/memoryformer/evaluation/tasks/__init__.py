@@ -26,7 +26,7 @@ class TaskInfo:
     name: str
     load_docs: Callable[..., list[dict[str, Any]]]
     to_item: Callable[[dict[str, Any]], Item]
-    default_path: str  # relative to a data root laid out like /work/shared/data/tasks
+    default_path: str  # relative to a task-data root (layout: docs/training.md, "Zero-shot task data")
     metrics: tuple[str, ...]  # "acc", "acc_norm" (multiple choice); "acc", "perplexity" (completion)
     in_paper: bool = False  # one of the MemoryFormer paper's zero-shot tasks (Table 1)
 

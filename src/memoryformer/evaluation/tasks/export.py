@@ -1,6 +1,6 @@
 """Write task data as jsonl plus lm-eval task YAMLs, so `lm_eval --include_path DIR` runs offline.
 
-    write_lm_eval_tasks("lm_eval_tasks", data_root="/work/shared/data/tasks")
+    write_lm_eval_tasks("lm_eval_tasks", data_root="tasks")
     lm_eval --model hf --model_args pretrained=... --include_path lm_eval_tasks --tasks mf_piqa,mf_arc_easy
 
 The YAML templates ship in this package (`mf_<task>.yaml`); each names `mf_<task>.jsonl` as its

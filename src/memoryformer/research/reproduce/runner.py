@@ -1,4 +1,4 @@
-"""The paper's comparisons and ablations, at a scale a CPU can run (issue 7).
+"""The paper's comparisons and ablations, at a scale a CPU can run.
 
     memoryformer reproduce twin|tau|expanding-bits|gelu|lr|weighting|usage|all [--steps N] [--quick]
 
@@ -296,7 +296,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
 )}
 ORDER = ("twin", "tau", "expanding-bits", "gelu", "lr", "weighting", "usage")
 
-# The paper's numbers (spec §9), for the reports. Validation PPL on the Pile after 8000 steps of
+# The paper's numbers (Tables 2-6), for the reports. Validation PPL on the Pile after 8000 steps of
 # MemoryFormer-tiny (Tables 3-5); zero-shot average accuracy (Tables 1, 6).
 _ABLATION_RUN = {"steps": 8000, "tokens": 8000 * 1024 * 2048, "model": "MemoryFormer-tiny", "data": "the Pile"}
 PAPER_RESULTS: dict[str, Any] = {
