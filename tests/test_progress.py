@@ -20,7 +20,7 @@ def test_interval_limits_lines_and_disabled_prints_nothing():
     log = io.StringIO()
     with Progress(total=None, desc="eval", every_s=3600, file=log, terminal=False) as bar:
         bar.update(3)
-    assert log.getvalue().splitlines() == [log.getvalue().splitlines()[0]]
+    assert len(log.getvalue().splitlines()) == 1  # no line within the interval, one at close
     assert log.getvalue().startswith("eval: 3 it")
     quiet = io.StringIO()
     with Progress(total=5, desc="x", enabled=False, every_s=0, file=quiet, terminal=False) as bar:
