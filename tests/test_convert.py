@@ -1,0 +1,70 @@
+"""Least-squares table fits (the converter's initialisation) against a float64 dense solve."""
+
+import torch
+
+from memoryformer import MemoryLayer
+from memoryformer.convert.least_squares import fit_memory_layer, fit_rows
+from memoryformer.core.layer import memory_hash
+
+
+def _dense_ridge_solve(rows, weights, targets, num_rows, lam, fit_bias=True):
+    """min ||A T + 1 b - t||^2 + lam ||T||^2 with A[n, rows[n, k]] = w[n, k], written out densely."""
+    n = rows.shape[0]
+    A = torch.zeros(n, num_rows, dtype=torch.float64)
+    A.scatter_add_(1, rows, weights)
+    if fit_bias:
+        A = torch.cat([A, torch.ones(n, 1, dtype=torch.float64)], 1)
+    reg = torch.zeros(num_rows, A.shape[1], dtype=torch.float64)
+    reg[:, :num_rows] = torch.eye(num_rows, dtype=torch.float64) * lam ** 0.5
+    solution = torch.linalg.lstsq(torch.cat([A, reg]), torch.cat([targets, torch.zeros(num_rows, targets.shape[1],
+                                                                                    dtype=torch.float64)])).solution
+    return solution[:num_rows], (solution[num_rows] if fit_bias else None)
+
+
+def test_conjugate_gradients_converge_to_the_float64_least_squares_solution():
+    torch.manual_seed(0)
+    x = torch.randn(300, 9, dtype=torch.float64)
+    targets = torch.randn(300, 2, dtype=torch.float64) + x[:, :2] * 3
+    rows, weights = memory_hash(x, 3, "prob")
+    num_rows = 3 * 2 ** 3
+    ridge = 1e-3
+    table, bias, hit = fit_rows(rows, weights, targets, num_rows, iterations=400, ridge=ridge, fill_unhit=False)
+    assert hit.all()
+    lam = ridge * float((weights * weights).mean())
+    ref_table, ref_bias = _dense_ridge_solve(rows, weights, targets, num_rows, lam)
+    torch.testing.assert_close(table, ref_table, rtol=0, atol=1e-8)
+    torch.testing.assert_close(bias, ref_bias, rtol=0, atol=1e-8)
+    # and without a bias
+    table0, bias0, _ = fit_rows(rows, weights, targets, num_rows, iterations=400, ridge=ridge, fit_bias=False,
+                                fill_unhit=False)
+    ref0, _ = _dense_ridge_solve(rows, weights, targets, num_rows, lam, fit_bias=False)
+    torch.testing.assert_close(table0, ref0, rtol=0, atol=1e-8)
+    assert not bias0.any()
+
+
+def test_unhit_rows_get_their_tables_mean():
+    torch.manual_seed(1)
+    x = torch.randn(6, 8, dtype=torch.float64)  # 6 tokens cannot hit all 16 buckets of a table
+    targets = torch.randn(6, 3, dtype=torch.float64)
+    rows, weights = memory_hash(x, 4, "l1")
+    table, _, hit = fit_rows(rows, weights, targets, 2 * 16, iterations=1)
+    assert not hit.all()
+    per_table = table.view(2, 16, 3)
+    for k in range(2):
+        mask = hit.view(2, 16)[k]
+        torch.testing.assert_close(per_table[k, ~mask], per_table[k, mask].mean(0).expand(int((~mask).sum()), 3))
+
+
+def test_fit_memory_layer_reproduces_a_function_of_its_chunks():
+    """A target that IS a sum of per-chunk functions of the sign pattern is reproduced almost exactly."""
+    torch.manual_seed(2)
+    layer = MemoryLayer(16, 5, tau=4, weighting="prob").double()
+    x = torch.randn(4000, 16, dtype=torch.float64)
+    truth = MemoryLayer(16, 5, tau=4, weighting="prob").double()
+    with torch.no_grad():
+        truth.table.normal_()
+        truth.bias.normal_()
+        targets = truth(x)
+    report = fit_memory_layer(layer, x, targets, iterations=100, ridge=1e-12)
+    assert report["rel_err"] < 1e-6 and report["hit_share"] == 1.0
+    torch.testing.assert_close(layer.table, truth.table, rtol=0, atol=1e-6)
