@@ -68,3 +68,49 @@ def test_fit_memory_layer_reproduces_a_function_of_its_chunks():
     report = fit_memory_layer(layer, x, targets, iterations=100, ridge=1e-12)
     assert report["rel_err"] < 1e-6 and report["hit_share"] == 1.0
     torch.testing.assert_close(layer.table, truth.table, rtol=0, atol=1e-6)
+
+
+def _run_cli(*argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "memoryformer.cli", "convert", *map(str, argv)],
+                          capture_output=True, text=True)
+
+
+def test_convert_verb_turns_a_dense_run_into_a_loadable_memoryformer(tmp_path):
+    import json
+
+    from tiny_data import make_data
+
+    from memoryformer import LanguageModel, ModelConfig
+    from memoryformer.train.checkpoint import load_model, save_model_weights
+
+    data = make_data(tmp_path)
+    torch.manual_seed(0)
+    dense_cfg = ModelConfig.from_preset("pythia-test", vocab_size=300)
+    dense_run = tmp_path / "dense"
+    dense_run.mkdir()
+    (dense_run / "config.json").write_text(dense_cfg.to_json())
+    save_model_weights(LanguageModel(dense_cfg), dense_run / "model.safetensors", dense_cfg)
+    out = tmp_path / "converted"
+    proc = _run_cli(dense_run, "--data", data, "--out", out, "--tau", 4, "--calibration-tokens", 1024,
+                    "--seq-len", 32, "--iterations", 5)
+    assert proc.returncode == 0, proc.stderr
+    assert "block 1: relative error q" in proc.stderr
+    model, _ = load_model(out)
+    assert model.config.architecture == "memoryformer" and model.config.d_model == dense_cfg.d_model
+    dense, _ = load_model(dense_run)
+    torch.testing.assert_close(model.embed.weight, dense.embed.weight, rtol=0, atol=0)
+    info = json.loads((out / "convert.json").read_text())
+    assert info["calibration_tokens"] == 1024 and len(info["blocks"]) == 2
+    assert all(0 <= v < 1 for block in info["blocks"] for v in block.values())
+
+
+def test_convert_verb_refuses_bad_arguments_in_one_line(tmp_path):
+    for argv, message in [((), "either a dense model"), (("x", "--from-official", "y"), "either a dense model"),
+                          (("x",), "needs --data"), (("x", "--data", "d", "--iterations", 0), "must be positive"),
+                          (("missing", "--data", tmp_path), "does not exist")]:
+        proc = _run_cli(*argv, "--out", tmp_path / "o")
+        assert proc.returncode == 1 and message in proc.stderr, (argv, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -21,7 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "perplexity and zero-shot tasks on a trained model"),
     "generate": ("generate", "sample text from a trained model"),
     "export": ("export", "convert a training run to a Hugging Face directory"),
-    "convert": ("convert", "load an official MemoryFormer checkpoint into a run directory"),
+    "convert": ("convert", "a dense GPT-NeoX model or an official checkpoint -> a MemoryFormer run"),
     "flops": ("flops", "FLOPs, parameters and memory of the paper presets (Table 1, Figure 1)"),
     "reproduce": ("reproduce", "run one of the paper's comparisons or ablations at small scale"),
     "bench": ("bench", "benchmarks: MemoryFormer against its dense twin"),

@@ -24,20 +24,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memoryformer.core.layer import MemoryLayer
+from memoryformer import MemoryLayer, gather_sum
 
 
 def _apply(rows: Tensor, w: Tensor, table: Tensor, bias: Tensor) -> Tensor:
-    """A [table; bias]: (N, out)."""
-    return (w.unsqueeze(-1) * table[rows]).sum(1) + bias
+    """A [table; bias]: (N, out), one embedding_bag call (no (N, K, out) tensor)."""
+    return gather_sum(rows, w, table, bias)
 
 
 def _apply_transpose(rows: Tensor, w: Tensor, residual: Tensor, num_rows: int, fit_bias: bool) -> tuple[Tensor, Tensor]:
     """A^T residual: (num_rows, out) and (out,)."""
-    out = residual.shape[1]
-    grad = torch.zeros(num_rows, out, dtype=residual.dtype)
-    grad.index_add_(0, rows.reshape(-1), (w.unsqueeze(-1) * residual.unsqueeze(1)).reshape(-1, out))
-    return grad, (residual.sum(0) if fit_bias else torch.zeros(out, dtype=residual.dtype))
+    grad = torch.zeros(num_rows, residual.shape[1], dtype=residual.dtype)
+    for k in range(rows.shape[1]):  # table by table: (N, out) at a time
+        grad.index_add_(0, rows[:, k], w[:, k : k + 1] * residual)
+    return grad, (residual.sum(0) if fit_bias else torch.zeros(residual.shape[1], dtype=residual.dtype))
 
 
 def fit_rows(rows: Tensor, weights: Tensor, targets: Tensor, num_rows: int, *, iterations: int = 50,
