@@ -1,5 +1,6 @@
 """Least-squares table fits (the converter's initialisation) against a float64 dense solve."""
 
+import pytest
 import torch
 
 from memoryformer import MemoryLayer
@@ -114,3 +115,26 @@ def test_convert_verb_refuses_bad_arguments_in_one_line(tmp_path):
         proc = _run_cli(*argv, "--out", tmp_path / "o")
         assert proc.returncode == 1 and message in proc.stderr, (argv, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_distillation_loss_against_a_written_out_float64_reference():
+    from memoryformer.convert.distill import distillation_loss
+
+    torch.manual_seed(3)
+    s = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 7, dtype=torch.float64)
+    y = torch.randint(0, 7, (2, 5))
+    alpha, T = 0.3, 2.0
+    loss = distillation_loss(s, t, y, alpha=alpha, temperature=T)
+    ps, pt = (s / T).softmax(-1), (t / T).softmax(-1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    ce = -s.log_softmax(-1).gather(-1, y[..., None]).mean()
+    reference = (1 - alpha) * ce + alpha * T * T * kl
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)
+    (g,) = torch.autograd.grad(loss, s)
+    (g_ref,) = torch.autograd.grad(reference, s)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-7)
+    assert distillation_loss(s, t, y, alpha=0.0).item() == pytest.approx(ce.item(), rel=1e-6)
+    for bad in (dict(alpha=1.5), dict(temperature=0.0)):
+        with pytest.raises(ValueError):
+            distillation_loss(s, t, y, **bad)
