@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memoryformer import kernels
-from memoryformer.core.layer import MemoryLayer, _check_hashed, _check_input, memory_hash
+from memoryformer.core.layer import MemoryLayer, check_hashed, check_input, memory_hash
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -73,7 +73,6 @@ class _QuantizedMemoryLayer(nn.Module):
     bias (out,) float32 or None."""
 
     precision = ""
-    fused_decode = True  # memoryformer.core.model's fused decode op reads table, bias (and scales) directly
 
     def __init__(self, layer: MemoryLayer) -> None:
         super().__init__()
@@ -83,16 +82,20 @@ class _QuantizedMemoryLayer(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.register_buffer("bias", bias)
 
-    def hash(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., in_features) -> rows (..., K) int64, weights (..., K): MemoryLayer.hash, unchanged."""
-        _check_input(x, self.in_features)
-        return memory_hash(x, self.tau, self.weighting, self.temperature)
+    hash = MemoryLayer.hash  # (..., in_features) -> rows (..., K) int64, weights (..., K): the same hash
 
     def _check(self, x: Tensor, hashed: tuple[Tensor, Tensor] | None) -> None:
-        _check_input(x, self.in_features)
+        check_input(x, self.in_features)
         _inference_only(self, x)
         if hashed is not None:
-            _check_hashed(hashed, x.shape[:-1], self.num_tables)
+            check_hashed(hashed, x.shape[:-1], self.num_tables)
+
+    def decode_table(self) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """What the fused decode op reads (memoryformer.kernels.DecodeWeights, as MemoryLayer.decode_table):
+        (table (R, out) bf16 or int8, bias (out,) float32 or None, per-row scales (R,) float32 for int8
+        else None). The op sums in float32, as forward does."""
+        b = self._buffers
+        return b["table"], b.get("bias"), b.get("scales")
 
     def table_bytes(self) -> int:
         """Bytes of the table and its scales (the bias is not counted)."""
@@ -121,7 +124,7 @@ class BF16MemoryLayer(_QuantizedMemoryLayer):
     def forward(self, x: Tensor, hashed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(..., in_features) -> (..., out_features); `hashed` reuses another layer's hash of x."""
         self._check(x, hashed)
-        rows, weights = hashed if hashed is not None else memory_hash(x, self.tau, self.weighting, self.temperature)
+        rows, weights = hashed if hashed is not None else self.hash(x)
         return gather_sum_dequant(rows, weights, self.table, None, self.bias).to(x.dtype)
 
 
