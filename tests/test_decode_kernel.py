@@ -186,12 +186,14 @@ class _ScaledLayer(MemoryLayer):
         return 2 * super().forward(x, hashed)
 
 
-@pytest.mark.parametrize("change", ["subclass", "tanh", "no_affine", "temperature", "float64"])
+@pytest.mark.parametrize("change", ["subclass", "linear", "tanh", "no_affine", "temperature", "float64"])
 def test_blocks_the_op_does_not_compute_are_not_read(change):
     cfg = _config()
     block = MemoryFormerBlock(cfg, 0)
     if change == "subclass":
         block.attn.v_proj = _ScaledLayer(cfg.d_model, cfg.d_model, tau=cfg.tau)
+    elif change == "linear":
+        block.attn.k_proj = torch.nn.Linear(cfg.d_model, cfg.d_model)
     elif change == "tanh":
         block.mlp.act = torch.nn.Tanh()
     elif change == "no_affine":

@@ -299,8 +299,9 @@ class LanguageModel(nn.Module):
         """Check token ids idx (B, T) before they reach the embedding (where a bad id is a torch-internal
         error, on CUDA a device-side assert): an int64 / int32 tensor, B and T positive, ids in
         [0, vocab_size), and the cached positions + T (+ `extra` to generate) within max_seq_len and the
-        cache. One ValueError / TypeError naming what is wrong. The id range costs one aminmax; it is
-        skipped while torch.compile traces (a data-dependent check would break the graph)."""
+        cache. One ValueError / TypeError naming what is wrong. The id range costs one aminmax (one device
+        sync); it is skipped while torch.compile traces (a data-dependent check would break the graph) and
+        on the meta device (no values)."""
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise TypeError(f"token ids must be an int64 tensor of shape (batch, seq), got {got}")
@@ -316,7 +317,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write up to {end}")
         if cache is not None and B != cache.keys[0].shape[0]:
             raise ValueError(f"batch of {B} sequences does not match the KV cache's {cache.keys[0].shape[0]}")
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or idx.is_meta):
             low, high = torch.stack(torch.aminmax(idx)).tolist()  # one device sync
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high

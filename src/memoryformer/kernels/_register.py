@@ -145,7 +145,7 @@ def _register_flops() -> None:
         return 2 * passes * rows_shape[0] * rows_shape[1] * table_shape[1]
 
 
-    from memoryformer.kernels import DecodeWeights  # the op's slot order
+    from memoryformer.kernels.decode_inputs import DecodeWeights  # the op's slot order
 
     ml1_table = DecodeWeights._fields.index("ml1_table")
 
