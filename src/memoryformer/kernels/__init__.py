@@ -15,6 +15,9 @@ Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
     gather_sum(rows, weights, table, bias=None) -> (..., out)
     quantize_tables(table) -> (int8 table, fp32 per-row scales)
     memory_layer_int8(x, qtable, scales, bias=None, *, tau, weighting, temperature) -> float32
+    decode_block(x, k_cache, v_cache, pos, cos, sin, DecodeBlock) -> (B, d): one block, one token
+        DecodeBlock(weights: DecodeWeights, scales: DecodeScales, settings: DecodeSettings) names the
+        op's slots (decode_inputs.py); DecodeBlock.from_block(MemoryFormerBlock) reads a block
     backend(name) context manager, set_backend(name), get_backend(): "auto" | "kernels" | "torch"
     load() -> bool (build/load now), loaded() -> bool, last_error()
 Dtypes: x and tables float32 or bfloat16 (outputs and table gradients in the table's dtype,
@@ -39,6 +42,7 @@ Ops (all with fake kernels for meta tensors / torch.compile, and FLOP formulas):
     decode_block                           one whole MemoryFormer block for one decoding step (fp32):
                                            norms, shared hash, Q/K/V, rotary, KV-cache write, attention,
                                            Memory Block; `decode_block` below, used by MemoryFormerBlock
+                                           through `try_decode_block`
     _set_option(name, value) -> old        tuning knobs (algorithm, block sizes), for benchmarks
 
 Algorithms (forward; the summation order is the same in all, so results are bitwise identical):
