@@ -8,12 +8,15 @@ block in float64 with the pure-PyTorch backend is the reference.
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from memoryformer import LanguageModel, ModelConfig, kernels
+from memoryformer import LanguageModel, MemoryLayer, ModelConfig, kernels
 from memoryformer.core.model import MemoryFormerBlock
+from memoryformer.kernels import DecodeBlock, DecodeScales, DecodeWeights
 
 
 def _config(**overrides) -> ModelConfig:
@@ -104,7 +107,9 @@ def test_fused_decoding_equals_full_forward_and_generate(built, monkeypatch):
     calls = _count_fused(monkeypatch)
     prompt = idx[:, :4]
     fused = model.generate(prompt, 10, temperature=0)
-    assert calls[0] > 0
+    # the 4-token prompt runs the eager blocks; each of the 9 one-token steps after it (the 10th token
+    # needs no forward) runs every block fused
+    assert calls[0] == 9 * cfg.n_layers
     with kernels.backend("torch"):
         eager = model.generate(prompt, 10, temperature=0)
     assert torch.equal(fused, eager)
@@ -138,19 +143,66 @@ def test_full_cache_raises_the_eager_error(built):
 
 
 def _op_args(cfg: ModelConfig, batch: int = 2, pos: int = 3):
+    """The op's positional arguments for a random block, its tensors in DecodeWeights' slot order."""
     block = MemoryFormerBlock(cfg, 0)
     _randomise(block)
-    a, m = block.attn, block.mlp
-    params = [block.attn_norm.weight, a.q_proj.table, a.q_proj.bias, a.k_proj.table, a.k_proj.bias,
-              a.v_proj.table, a.v_proj.bias, block.mlp_norm.weight, m.ml1.table, m.ml1.bias, m.norm.weight,
-              m.norm.bias, m.ml2.table, m.ml2.bias]
-    params = [p.detach() for p in params]
+    inputs = DecodeBlock.from_block(block)
+    params = [p.detach() for p in inputs.weights]
     shape = (batch, cfg.n_heads, 8, cfg.head_dim)
     rot = cfg.rotary_dims
+    st = inputs.settings
     args = (torch.randn(batch, cfg.d_model), torch.randn(shape), torch.randn(shape), pos, torch.rand(rot),
-            torch.rand(rot), params, [], cfg.rms_norm_eps, cfg.norm_eps, cfg.n_heads, cfg.tau,
-            cfg.tau + cfg.expanding_bits, cfg.weighting, cfg.temperature, False)
+            torch.rand(rot), params, [], st.rms_eps, st.ln_eps, st.n_heads, st.tau, st.tau2, st.weighting,
+            st.temperature, st.gelu)
     return args
+
+
+def _cpp_enum(name: str) -> list[str]:
+    """The members of a C++ enum of decode_kernels.cpp, lower-cased, without the closing count."""
+    source = (Path(kernels.__file__).parent / "decode_kernels.cpp").read_text()
+    body = re.search(r"enum " + name + r" : int \{(.*?)\};", source, re.S).group(1)
+    members = re.findall(r"\b[A-Z][A-Z0-9_]*\b", re.sub(r"//[^\n]*", "", body))
+    return [m.lower() for m in members if not m.startswith("NUM_")]
+
+
+def test_slot_names_match_the_cpp_enums():
+    assert _cpp_enum("DecodeSlot") == list(DecodeWeights._fields)
+    assert _cpp_enum("ScaleSlot") == ["scale_" + f for f in DecodeScales._fields]
+
+
+def test_block_reads_into_named_slots():
+    cfg = _config(memory_block_activation="gelu", weighting="l1")
+    block = MemoryFormerBlock(cfg, 0)
+    inputs = DecodeBlock.from_block(block)
+    assert inputs.weights.q_table is block.attn.q_proj.table and inputs.weights.ml2_bias is block.mlp.ml2.bias
+    assert inputs.weights.ln_b is block.mlp.norm.bias and inputs.weights.attn_norm_w is block.attn_norm.weight
+    assert inputs.scales == DecodeScales()
+    assert inputs.settings == (cfg.rms_norm_eps, cfg.norm_eps, cfg.n_heads, cfg.tau, cfg.tau + cfg.expanding_bits,
+                               "l1", 1.0, True)
+
+
+class _ScaledLayer(MemoryLayer):
+    def forward(self, x, hashed=None):
+        return 2 * super().forward(x, hashed)
+
+
+@pytest.mark.parametrize("change", ["subclass", "linear", "tanh", "no_affine", "temperature", "float64"])
+def test_blocks_the_op_does_not_compute_are_not_read(change):
+    cfg = _config()
+    block = MemoryFormerBlock(cfg, 0)
+    if change == "subclass":
+        block.attn.v_proj = _ScaledLayer(cfg.d_model, cfg.d_model, tau=cfg.tau)
+    elif change == "linear":
+        block.attn.k_proj = torch.nn.Linear(cfg.d_model, cfg.d_model)
+    elif change == "tanh":
+        block.mlp.act = torch.nn.Tanh()
+    elif change == "no_affine":
+        block.mlp.norm = torch.nn.LayerNorm(cfg.memory_hidden, elementwise_affine=False)
+    elif change == "temperature":
+        block.mlp.ml2.temperature = 0.5
+    else:
+        block.mlp.ml1.double()
+    assert DecodeBlock.from_block(block) is None
 
 
 def test_opcheck_and_meta(built):
@@ -189,25 +241,27 @@ def test_bad_arguments_raise_clear_errors(built):
     with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
         op(x.double(), kc, vc, pos, cos, sin, params, scales, *rest)
     bad = list(params)
-    bad[12] = bad[12][:, :-1].contiguous()
+    ml2 = DecodeWeights._fields.index("ml2_table")
+    bad[ml2] = bad[ml2][:, :-1].contiguous()
     with pytest.raises(RuntimeError, match="ml2_table must have shape"):
         op(x, kc, vc, pos, cos, sin, bad, scales, *rest)
     with pytest.raises(RuntimeError, match="no scales or 5"):
         op(x, kc, vc, pos, cos, sin, params, [torch.ones(3)], *rest)
     int8 = list(params)
-    int8[1] = torch.zeros(params[1].shape, dtype=torch.int8)
+    q = DecodeWeights._fields.index("q_table")
+    int8[q] = torch.zeros(params[q].shape, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="needs per-row scales"):
         op(x, kc, vc, pos, cos, sin, int8, scales, *rest)
     empty = torch.empty(0)
     with pytest.raises(RuntimeError, match="scales are for int8 tables only"):
-        op(x, kc, vc, pos, cos, sin, params, [torch.ones(params[1].shape[0])] + [empty] * 4, *rest)
+        op(x, kc, vc, pos, cos, sin, params, [torch.ones(params[q].shape[0])] + [empty] * 4, *rest)
 
 
 @pytest.mark.parametrize("tables", ["bf16", "int8"])
 def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(built, tables, monkeypatch):
     """A quantize_model copy decodes through the fused op; its reference is the same model with the
     stored tables dequantised to float64 (scales folded in), run by the eager float64 block."""
-    from memoryformer.inference.quantize import quantize_model
+    from memoryformer.inference.quantize import BF16MemoryLayer, Int8MemoryLayer, quantize_model
 
     cfg = _config(memory_block_activation="gelu", expanding_bits=2)
     torch.manual_seed(4)
@@ -216,7 +270,7 @@ def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(buil
     qmodel = quantize_model(model, tables=tables)
     reference = copy.deepcopy(model).double()
     ref_layers = dict(reference.named_modules())
-    quantized = [(n, m) for n, m in qmodel.named_modules() if getattr(type(m), "fused_decode", False)]
+    quantized = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (BF16MemoryLayer, Int8MemoryLayer))]
     assert len(quantized) == 5 * cfg.n_layers
     for name, qlayer in quantized:
         layer = ref_layers[name]

@@ -1,4 +1,10 @@
-"""MemoryLayer against a slow, obvious float64 reference: values, gradients, shapes, dtypes, errors."""
+"""MemoryLayer against a slow, obvious float64 reference: values, gradients, shapes, dtypes, errors.
+
+float64 runs the pure-PyTorch reference (memoryformer.core.reference) on every backend. The float32
+and bfloat16 tests run twice, pinned to each backend with `kernels.backend(...)` (the `layer_backend`
+fixture): "torch" (the reference) and "kernels" (the C++ ops at every shape; needs the `built` fixture),
+where the reference is patched to fail, so that these tests check the kernels and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,30 @@ import textwrap
 import pytest
 import torch
 
-from memoryformer import MemoryLayer, gather_sum, memory_hash, memory_layer
+from memoryformer import MemoryLayer, gather_sum, kernels, memory_hash, memory_layer
+from memoryformer.core import layer as layer_module
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _no_fallback(reference):
+    def guarded(x, *args, **kwargs):
+        if x.is_cpu and x.dtype in (torch.float32, torch.bfloat16):
+            raise AssertionError(f"the pure-PyTorch reference ran for a {x.dtype} input under the kernels backend")
+        return reference(x, *args, **kwargs)
+    return guarded
+
+
+@pytest.fixture(params=["torch", "kernels"])
+def layer_backend(request, monkeypatch):
+    """Pin the backend for the test; under "kernels" the reference raises if a float32 / bfloat16 CPU input
+    (what the kernels handle) falls back to it. float64 expectations still run the reference."""
+    if request.param == "kernels":
+        request.getfixturevalue("built")
+        for name in ("reference_memory_hash", "reference_memory_layer"):
+            monkeypatch.setattr(layer_module, name, _no_fallback(getattr(layer_module, name)))
+    with kernels.backend(request.param):
+        yield request.param
 
 
 def away_from_zero(x: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
@@ -116,7 +143,7 @@ def test_weights_range_and_monotone():
     assert torch.all(w_hot >= w)
 
 
-def test_shared_hash_equals_separate_calls():
+def test_shared_hash_equals_separate_calls(layer_backend):
     torch.manual_seed(0)
     q, k, v = (MemoryLayer(32, 16, tau=8) for _ in range(3))
     x = torch.randn(2, 5, 32)
@@ -149,9 +176,7 @@ def test_leading_dimensions():
     assert rows.shape == weights.shape == (2, 3, 5, 2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
-def test_low_precision_dtypes(device, dtype, tol):
+def _low_precision_case(device: str, dtype: torch.dtype, tol: float) -> None:
     layer64 = make_layer(32, 16, 8)
     x = away_from_zero(torch.randn(10, 32, dtype=torch.float64), 0.1)
     expected = layer64(x)
@@ -165,7 +190,45 @@ def test_low_precision_dtypes(device, dtype, tol):
     torch.testing.assert_close(y.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
-def test_autocast_no_grad_inference_mode():
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_dtypes(layer_backend, dtype, tol):
+    _low_precision_case("cpu", dtype, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_runs_the_reference(device):
+    _low_precision_case(device, torch.float16, 3e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_dtypes_cuda(dtype, tol):
+    _low_precision_case("cuda", dtype, tol)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, 70, 300])
+@pytest.mark.parametrize("weighting,temperature", [("prob", 1.0), ("prob", 0.5), ("l1", 1.0)])
+def test_float32_values_and_gradients_match_float64_reference(layer_backend, n_tokens, weighting, temperature):
+    """Both backends' float32 forward and backward (each algorithm's token range) against the
+    token-by-token float64 reference."""
+    layer64 = make_layer(32, 24, 8, weighting, temperature)
+    x64 = away_from_zero(torch.randn(n_tokens, 32, dtype=torch.float64), 0.1)
+    grad_out = torch.randn(n_tokens, 24, dtype=torch.float64)
+    layer = MemoryLayer(32, 24, tau=8, weighting=weighting, temperature=temperature)
+    layer.load_state_dict(layer64.state_dict())
+    x = x64.float().requires_grad_()
+    y = layer(x)
+    (y * grad_out.float()).sum().backward()
+    xr, tr, br = (t.detach().clone().requires_grad_() for t in (x64, layer64.table, layer64.bias))
+    expected = reference_forward(xr, tr, br, 8, weighting, temperature)
+    (expected * grad_out).sum().backward()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6 * scale)
+    for got, want in ((x.grad, xr.grad), (layer.table.grad, tr.grad), (layer.bias.grad, br.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_autocast_no_grad_inference_mode(layer_backend):
     layer = make_layer(16, 8, 8).float()
     x = torch.randn(4, 16)
     expected = layer(x)
@@ -179,7 +242,7 @@ def test_autocast_no_grad_inference_mode():
         torch.testing.assert_close(layer(x), expected)
 
 
-def test_torch_compile_traces_without_graph_breaks():
+def test_torch_compile_traces_without_graph_breaks(layer_backend):
     layer = make_layer(16, 8, 8).float()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 16, requires_grad=True)

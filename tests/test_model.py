@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +222,142 @@ def test_sampling_filters():
     draws = {sample_next_token(logits, top_p=0.6, generator=g).item() for _ in range(100)}
     assert draws == {3}
     assert sample_next_token(logits, temperature=0).item() == 3
+
+
+_ROOT = Path(__file__).resolve().parents[1] / "src" / "memoryformer"
+
+
+def _imports_between(names: list[str]) -> dict[str, set[str]]:
+    """module -> the package modules it imports (at the top or inside functions), read from the source."""
+    import ast
+
+    def module_name(path: Path) -> str:
+        parts = list(path.relative_to(_ROOT.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {module_name(p): p for p in _ROOT.rglob("*.py")}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse(files[name].read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memoryformer"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("memoryformer")}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_reference_imports_no_other_package_module():
+    code = ("import sys, memoryformer.core.reference; "
+            "print(sorted(m for m in sys.modules if m.startswith('memoryformer')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['memoryformer', 'memoryformer.core', 'memoryformer.core.reference']"
+
+
+def test_core_kernels_and_inference_have_no_import_cycle():
+    names = ["memoryformer", "memoryformer.core.config", "memoryformer.core.layer", "memoryformer.core.model",
+             "memoryformer.core.reference", "memoryformer.kernels", "memoryformer.kernels._loader",
+             "memoryformer.kernels._register", "memoryformer.kernels._backend", "memoryformer.kernels.decode_inputs",
+             "memoryformer.inference.quantize", "memoryformer.inference.pages"]
+    graph = _imports_between(names)
+    assert graph["memoryformer.core.reference"] == set()
+    assert "memoryformer.core.layer" not in graph["memoryformer.kernels"]
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d in graph and d not in seen and reaches(d, goal, seen | {d}))
+                   for d in graph[start])
+
+    assert [n for n in names if reaches(n, n, {n})] == []
+
+
+# wrong types and out-of-range values of every kind of field, each named in one clear error
+BAD_CONFIGS = [
+    ("vocab_size", "512", TypeError, "vocab_size must be a positive integer, got '512' \\(str\\)"),
+    ("n_layers", 2.0, TypeError, "n_layers must be a positive integer, got 2.0"),
+    ("d_model", True, TypeError, "d_model must be a positive integer, got True"),
+    ("n_heads", 0, ValueError, "n_heads must be a positive integer, got 0"),
+    ("max_seq_len", -4, ValueError, "max_seq_len must be a positive integer"),
+    ("intermediate_size", 0, ValueError, "intermediate_size must be a positive integer, got 0"),
+    ("intermediate_size", "1024", TypeError, "intermediate_size must be a positive integer"),
+    ("expanding_bits", -1, ValueError, "expanding_bits must be an integer >= 0, got -1"),
+    ("tau", 2.5, TypeError, "tau must be an integer in 1..16, got 2.5"),
+    ("tau", 0, ValueError, "tau must be an integer in 1..16, got 0"),
+    ("norm_eps", -1e-5, ValueError, "norm_eps must be a positive finite number, got -1e-05"),
+    ("rms_norm_eps", 0.0, ValueError, "rms_norm_eps must be a positive finite number"),
+    ("norm_eps", "1e-5", TypeError, "norm_eps must be a positive finite number, got '1e-5'"),
+    ("init_std", -0.02, ValueError, "init_std must be a finite number >= 0, got -0.02"),
+    ("table_init_std", float("nan"), ValueError, "table_init_std must be a finite number >= 0, got nan"),
+    ("temperature", 0, ValueError, "temperature must be a positive finite number, got 0"),
+    ("rotary_base", float("inf"), ValueError, "rotary_base must be a positive finite number, got inf"),
+    ("rotary_pct", 1.5, ValueError, "rotary_pct must be a number in \\[0, 1\\], got 1.5"),
+    ("rotary_pct", None, TypeError, "rotary_pct must be a number in"),
+    ("weighting", "softmax", ValueError, "weighting must be one of \\('prob', 'l1'\\), got 'softmax'"),
+    ("architecture", "rnn", ValueError, "architecture must be one of"),
+    ("memory_block_activation", "relu", ValueError, "memory_block_activation must be one of"),
+    ("memory_bias", 1, TypeError, "memory_bias must be true or false, got 1 \\(int\\)"),
+    ("tie_embeddings", "false", TypeError, "tie_embeddings must be true or false, got 'false'"),
+    ("parallel_residual", None, TypeError, "parallel_residual must be true or false"),
+]
+
+
+@pytest.mark.parametrize("field,value,error,message", BAD_CONFIGS)
+def test_config_rejects_wrong_types_and_ranges(field, value, error, message, tmp_path):
+    with pytest.raises(error, match="ModelConfig." + message):
+        ModelConfig.from_preset("mf-test", **{field: value})
+    path = tmp_path / "config.json"  # the same from a JSON file (NaN and Infinity are JSON extensions)
+    path.write_text(json.dumps({**ModelConfig.from_preset("mf-test").to_dict(), field: value}))
+    with pytest.raises(error, match="ModelConfig." + message):
+        ModelConfig.from_json(path)
+
+
+def test_config_normalises_numbers():
+    import numpy as np
+
+    cfg = ModelConfig.from_preset("mf-test", vocab_size=np.int64(300), rotary_base=10000, temperature=1)
+    assert type(cfg.vocab_size) is int and cfg.vocab_size == 300
+    assert type(cfg.rotary_base) is float and type(cfg.temperature) is float
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("preset", ARCHS)
+def test_bad_token_ids_raise_one_clear_error(preset):
+    model = tiny(preset)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    cases = [
+        (ids.clone().fill_(256), ValueError, "token id 256 is outside the vocabulary \\[0, 256\\)"),
+        (ids.clone().index_fill_(1, torch.tensor([3]), -1), ValueError, "token id -1 is outside"),
+        (ids[:0], ValueError, "at least one sequence of at least one token, got shape \\(0, 5\\)"),
+        (ids[:, :0], ValueError, "got shape \\(2, 0\\)"),
+        (ids.float(), TypeError, "token ids must be an int64 tensor"),
+        (ids[0], TypeError, "of shape \\(batch, seq\\)"),
+        ([[1, 2]], TypeError, "token ids must be an int64 tensor of shape \\(batch, seq\\), got list"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            model(bad)
+        with pytest.raises(error, match=message):
+            model.generate(bad, 2)
+    cache = model.new_cache(2, 8)
+    with pytest.raises(ValueError, match="token id 300"):
+        model(ids.clone().fill_(300), cache=cache)
+    assert cache.length == 0  # nothing was written
+    with pytest.raises(ValueError, match="batch of 1 sequences does not match the KV cache's 2"):
+        model(ids[:1], cache=cache)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        model.generate(ids, 2.5)
+    full = model.new_cache(2)
+    model(ids, cache=full)
+    with pytest.raises(ValueError, match="sequence of 65 positions \\(5 cached \\+ 60 new\\) exceeds max_seq_len=64"):
+        model(torch.zeros(2, 60, dtype=torch.long), cache=full)
+
+
+def test_token_checks_do_not_break_torch_compile():
+    model = tiny("mf-test")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 256, (2, 6))
+    torch.testing.assert_close(compiled(ids)[0], model(ids)[0])
 
 
 def test_forward_errors():

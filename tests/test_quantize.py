@@ -11,8 +11,10 @@ from torch import nn
 
 from memoryformer import LanguageModel, MemoryLayer, ModelConfig, kernels, memory_layer
 from memoryformer.evaluation.evaluate import perplexity
+from memoryformer.inference import quantize
 from memoryformer.inference.quantize import (
     DEFAULT_OPTIONS,
+    TARGETS,
     BF16Linear,
     BF16MemoryLayer,
     Int8Linear,
@@ -272,6 +274,20 @@ def test_tables_error_for_dense_model_and_bad_options():
         precision_report(model, tokens.int())
 
 
+def test_decode_table_is_what_the_fused_decode_reads():
+    layer = MemoryLayer(16, 8, tau=4)
+    assert layer.decode_table() == (layer.table, layer.bias, None)
+    assert MemoryLayer(16, 8, tau=4, bias=False).decode_table()[1] is None
+    assert MemoryLayer(16, 8, tau=4, dtype=torch.float64).decode_table() is None  # the op is float32
+    bf16, int8 = BF16MemoryLayer(layer), Int8MemoryLayer(layer)
+    table, bias, scales = bf16.decode_table()
+    assert table is bf16.table and table.dtype == torch.bfloat16 and bias is bf16.bias and scales is None
+    table, bias, scales = int8.decode_table()
+    assert table is int8.table and table.dtype == torch.int8 and scales is int8.scales and scales.shape == (64,)
+    torch.testing.assert_close(table.float() * scales[:, None], layer.table.detach(), rtol=0,
+                               atol=float(scales.max()) / 2)
+
+
 # ---- precision_report -----------------------------------------------------------------------------------
 
 
@@ -299,10 +315,24 @@ def test_precision_report_fields_and_reference_row():
         r = by[option]
         assert 0 <= r["rel_l2_err"] and 0 < r["max_rel_err"] < 1 and r["mean_rel_err"] <= r["max_rel_err"]
         assert r["perplexity"] == pytest.approx(ref["perplexity"] * (1 + r["ppl_delta_rel"]))
-    assert by["bf16-tables"]["target"] == 1e-2 and isinstance(by["bf16-tables"]["target_met"], bool)
+    assert by["bf16-tables"]["target"] == 1e-2 and by["int8-tables"]["target"] == 2e-2
+    for option in ("bf16-tables", "int8-tables"):
+        assert by[option]["target_met"] is (by[option]["rel_l2_err"] <= by[option]["target"])
+    assert all(by[o]["target"] is None and by[o]["target_met"] is None for o in DEFAULT_OPTIONS if o not in TARGETS)
     assert by["int8-head"]["target"] is None and by["int8-head"]["hash_flip_rate"] == 0.0
     # tables rounded in bf16 / int8: the layers themselves are close, whatever the hash flips do later
     assert 0 < by["bf16-tables"]["layer_rel_err"] < 1e-2 and 0 < by["int8-tables"]["layer_rel_err"] < 3e-2
+
+
+def test_precision_report_target_met_follows_the_target(monkeypatch):
+    """target_met is rel_l2_err <= TARGETS[option]: met under a loose target, missed under a tight one."""
+    model = tiny("mf-test")
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(quantize, "TARGETS", {"bf16-tables": 1.0, "int8-tables": 1e-12})
+    by = {r["option"]: r for r in precision_report(model, tokens, options=["bf16-tables", "int8-tables"])}
+    assert 1e-12 < by["int8-tables"]["rel_l2_err"] and by["bf16-tables"]["rel_l2_err"] <= 1.0
+    assert by["bf16-tables"]["target"] == 1.0 and by["bf16-tables"]["target_met"] is True
+    assert by["int8-tables"]["target"] == 1e-12 and by["int8-tables"]["target_met"] is False
 
 
 def test_precision_report_dense_model_defaults_to_head_options():

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memoryformer.core.reference import MAX_TAU, WEIGHTINGS, check_tau
+
 ARCHITECTURES = ("memoryformer", "pythia")
-WEIGHTINGS = ("prob", "l1")
 ACTIVATIONS = (None, "gelu")
 
 
@@ -121,25 +124,25 @@ class ModelConfig(JsonConfig):
         return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.d_model))
 
     def validate(self) -> None:
+        """Check every field's type and range (`_FIELD_RULES`), then the relations between fields; raise one
+        TypeError / ValueError naming the field, the value and what is expected."""
+        for f in dataclasses.fields(self):
+            rule = _FIELD_RULES.get(f.name)
+            if rule is not None:
+                setattr(self, f.name, rule(f.name, getattr(self, f.name)))
+        self._validate_relations()
+
+    def _validate_relations(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"ModelConfig: {msg}")
 
-        need(self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
-            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        need(0.0 <= self.rotary_pct <= 1.0, f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         need(self.rotary_dims % 2 == 0, f"rotary dims per head ({self.rotary_dims}) must be even")
         if self.architecture == "memoryformer":
-            need(1 <= self.tau <= 16, f"tau must be in 1..16, got {self.tau}")
             need(self.d_model % self.tau == 0, f"d_model={self.d_model} is not divisible by tau={self.tau}")
-            need(0 <= self.expanding_bits and self.tau + self.expanding_bits <= 16,
-                 f"expanding_bits must be >= 0 with tau + expanding_bits <= 16, got {self.expanding_bits}")
-            need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-            need(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
-            need(self.memory_block_activation in ACTIVATIONS,
-                 f"memory_block_activation must be one of {ACTIVATIONS}, got {self.memory_block_activation!r}")
+            need(self.tau + self.expanding_bits <= MAX_TAU,
+                 f"tau + expanding_bits must be <= {MAX_TAU}, got {self.tau} + {self.expanding_bits}")
 
     # ---- presets and serialisation -------------------------------------------------------
     @classmethod
@@ -152,6 +155,71 @@ class ModelConfig(JsonConfig):
         """The same depth, width, heads, vocabulary and rotary settings in the other architecture."""
         other = "pythia" if self.architecture == "memoryformer" else "memoryformer"
         return self.replace(architecture=other)
+
+
+# ---- field rules: each takes (name, value) and returns the value (ints and floats normalised) or raises --
+def _fail(name: str, value: Any, expected: str, error: type[Exception] = ValueError) -> None:
+    raise error(f"ModelConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _integer(minimum: int) -> Callable[[str, Any], int]:
+    def rule(name: str, value: Any) -> int:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            _fail(name, value, expected, TypeError)
+        if value < minimum:
+            _fail(name, value, expected)
+        return int(value)
+    return rule
+
+
+def _number(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str, Any], float]:
+    def rule(name: str, value: Any) -> float:
+        bracket = "(" if low_open else "["
+        expected = f"a number in {bracket}{low:g}, {high:g}]" if high < math.inf else (
+            "a positive finite number" if low_open and low == 0 else f"a finite number >= {low:g}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            _fail(name, value, expected, TypeError)
+        inside = (low < value if low_open else low <= value) and value <= high and math.isfinite(value)
+        if not inside:
+            _fail(name, value, expected)
+        return float(value)
+    return rule
+
+
+def _optional(rule: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else rule(name, value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, value, "true or false", TypeError)
+    return value
+
+
+def _choice(options: tuple) -> Callable[[str, Any], Any]:
+    def rule(name: str, value: Any) -> Any:
+        if value not in options or (value is not None and not isinstance(value, str)):
+            _fail(name, value, f"one of {options}")
+        return value
+    return rule
+
+
+def _tau(name: str, value: Any) -> int:
+    return check_tau(value, f"ModelConfig.{name}")
+
+
+_FIELD_RULES: dict[str, Callable[[str, Any], Any]] = {
+    "vocab_size": _integer(1), "n_layers": _integer(1), "d_model": _integer(1), "n_heads": _integer(1),
+    "max_seq_len": _integer(1), "architecture": _choice(ARCHITECTURES),
+    "rotary_pct": _number(0.0, 1.0), "rotary_base": _number(0.0, low_open=True),
+    "norm_eps": _number(0.0, low_open=True), "rms_norm_eps": _number(0.0, low_open=True),
+    "tau": _tau, "expanding_bits": _integer(0), "weighting": _choice(WEIGHTINGS),
+    "temperature": _number(0.0, low_open=True), "memory_block_activation": _choice(ACTIVATIONS),
+    "memory_bias": _flag, "table_init_std": _number(0.0),
+    "intermediate_size": _optional(_integer(1)), "parallel_residual": _flag, "attention_bias": _flag,
+    "init_std": _optional(_number(0.0)), "tie_embeddings": _flag,
+}
 
 
 _MF = dict(architecture="memoryformer", tau=8, expanding_bits=2)

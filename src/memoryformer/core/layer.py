@@ -1,129 +1,88 @@
 """The Memory Layer: a drop-in replacement for `nn.Linear` built from hash tables.
 
-For an input x of `in_features = K * tau` values, chunk k is `x[..., k*tau:(k+1)*tau]`. Its sign
-pattern (bit j is 1 iff `x[k*tau + j] >= 0`, the chunk's first element the most significant
-bit) picks bucket b of table k, which is row `k * 2**tau + b` of one flat `table` parameter.
-The output is the weighted sum of the K picked rows, plus a bias:
-
-    y = sum_k w_k(x) * table[rows_k(x)] + bias
-
-The weight is differentiable, so gradients reach x although the hash does not:
-    "prob" (paper Eq. 11):   w_k = prod_j sigmoid(2 |z_kj| / temperature)
-    "l1"   (official code):  w_k = ||z_k||_1 * prod_j sigmoid(2 |z_kj|)
-
-The gather-and-sum is one `F.embedding_bag(mode="sum", per_sample_weights=...)` call, fused in
-forward and backward; no (N, K, out_features) tensor is ever built. See the paper's Eq. 6-12 and docs/method.md.
+The maths (the hash, the "prob" / "l1" weights, the weighted gather-sum) is memoryformer.core.reference's,
+the pure-PyTorch reference; see its docstring, the paper's Eq. 6-12 and docs/method.md. This module
+checks what a user passes in (once, where it enters) and sends every computation through one
+dispatch point per operation, `_hash` and `_layer`: the C++ kernels (memoryformer.kernels, whose
+`try_*` hooks answer None where they do not apply: backend "torch", unsupported dtype or device,
+shape thresholds, no build) or else the reference.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memoryformer import kernels as _kernels  # optional fast ops; importing compiles nothing
-
-WEIGHTINGS = ("prob", "l1")
-MAX_TAU = 16
-
-
-def _check_tau(in_features: int, tau: int) -> int:
-    if not isinstance(tau, int) or not 1 <= tau <= MAX_TAU:
-        raise ValueError(f"tau must be an integer in 1..{MAX_TAU}, got {tau!r}")
-    if in_features <= 0 or in_features % tau != 0:
-        raise ValueError(f"in_features={in_features} must be a positive multiple of tau={tau}")
-    return in_features // tau
+from memoryformer.core.reference import (
+    check_hash_settings,
+    check_tau,
+    num_tables,
+    reference_gather_sum,
+    reference_memory_hash,
+    reference_memory_layer,
+)
 
 
-def _check_input(x: Tensor, in_features: int) -> None:
+def check_input(x: object, in_features: int | None = None) -> Tensor:
+    """x as a floating-point tensor with a last dimension (of `in_features` when given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"MemoryLayer expects a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"MemoryLayer expects a floating-point input, got dtype {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"MemoryLayer expected input with last dimension {in_features}, got shape {tuple(x.shape)}"
-        )
+    if x.dim() == 0 or (in_features is not None and x.shape[-1] != in_features):
+        raise ValueError(f"MemoryLayer expected input with last dimension {in_features}, got shape {tuple(x.shape)}")
+    return x
 
 
-def memory_hash(
-    x: Tensor, tau: int, weighting: str = "prob", temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """Hash x chunk by chunk.
-
-    Args:
-        x: (..., K * tau) floating-point input.
-    Returns:
-        rows: (..., K) int64 global row indices, `k * 2**tau + bucket`.
-        weights: (..., K) differentiable weights in x's dtype (computed in float32 or wider).
-    """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
-        _check_input(x, -1)
-    num_tables = _check_tau(x.shape[-1], tau)
-    fast = _kernels.try_memory_hash(x, tau, weighting, temperature)  # same hash as the fused kernels
-    if fast is not None:
-        return fast
-    z = x.unflatten(-1, (num_tables, tau))  # (..., K, tau)
-    # bit j of a chunk is 1 iff z_j >= 0 (so 0.0 and -0.0 give 1); first element = MSB
-    place = torch.pow(2, torch.arange(tau - 1, -1, -1, device=x.device, dtype=torch.int64))
-    offsets = torch.arange(num_tables, device=x.device, dtype=torch.int64) << tau
-    rows = ((z >= 0).to(torch.int64) * place).sum(-1) + offsets  # (..., K)
-
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    a = z.to(compute_dtype).abs()
-    scale = 2.0 / temperature if weighting == "prob" else 2.0
-    # prod_j sigmoid(2|z_j|/t) = exp(sum_j logsigmoid(2|z_j|/t)): stable for any tau
-    weights = F.logsigmoid(a * scale).sum(-1).exp()
-    if weighting == "l1":
-        weights = weights * a.sum(-1)
-    return rows, weights.to(x.dtype)
-
-
-def _check_hashed(hashed: tuple[Tensor, Tensor], lead_shape: torch.Size, num_tables: int) -> None:
+def check_hashed(hashed: object, lead_shape: torch.Size, k: int) -> None:
+    """`hashed` is a (rows, weights) pair, both (*lead_shape, K), rows of an integer dtype."""
     if not (isinstance(hashed, (tuple, list)) and len(hashed) == 2):
         raise TypeError("hashed must be a (rows, weights) pair as returned by MemoryLayer.hash")
     rows, weights = hashed
-    expected = (*lead_shape, num_tables)
+    expected = (*lead_shape, k)
     if tuple(rows.shape) != expected or tuple(weights.shape) != expected:
-        raise ValueError(
-            f"hashed rows/weights must both have shape {expected}, "
-            f"got {tuple(rows.shape)} and {tuple(weights.shape)}"
-        )
+        raise ValueError(f"hashed rows/weights must both have shape {expected}, "
+                         f"got {tuple(rows.shape)} and {tuple(weights.shape)}")
     if rows.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"hashed rows must be int64 or int32, got {rows.dtype}")
 
 
-def gather_sum(rows: Tensor, weights: Tensor, table: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The weighted gather-and-sum: `out[n] = sum_k weights[n, k] * table[rows[n, k]] + bias`.
+def _check_table(table: Tensor, k: int, tau: int) -> None:
+    if table.dim() != 2 or table.shape[0] != k << tau:
+        raise ValueError(f"table must have shape ({k << tau}, out_features) for K={k}, tau={tau}; "
+                         f"got {tuple(table.shape)}")
 
-    Args:
-        rows: (..., K) integer row indices into `table`.
-        weights: (..., K) per-row weights.
-        table: (R, out_features).
-        bias: (out_features,) or None.
-    Returns:
-        (..., out_features) in table's dtype.
-    """
-    lead_shape, num_tables = rows.shape[:-1], rows.shape[-1]
-    out_features = table.shape[-1]
-    flat_rows = rows.reshape(-1, num_tables)
-    if flat_rows.shape[0] == 0:
-        # zero tokens: an empty output still connected to table and weights, so backward gives zero grads
-        out = table.new_zeros(0, out_features) + (table.sum() + weights.sum().to(table.dtype)) * 0
-    else:
-        out = F.embedding_bag(
-            flat_rows,
-            table,
-            mode="sum",
-            per_sample_weights=weights.reshape(-1, num_tables).to(table.dtype),
-        )
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*lead_shape, out_features)
+
+# ---- the dispatch points: kernels where they apply, else the reference ------------------------
+def _hash(x: Tensor, tau: int, weighting: str, temperature: float) -> tuple[Tensor, Tensor]:
+    fast = _kernels.try_memory_hash(x, tau, weighting, temperature)  # the fused kernels' own hash
+    return fast if fast is not None else reference_memory_hash(x, tau, weighting, temperature)
+
+
+def _layer(x: Tensor, table: Tensor, bias: Tensor | None, tau: int, weighting: str, temperature: float,
+           hashed: tuple[Tensor, Tensor] | None) -> Tensor:
+    fast = _kernels.try_memory_layer(x, table, bias, tau, weighting, temperature, hashed)
+    if fast is not None:
+        return fast
+    if hashed is None:
+        hashed = _hash(x, tau, weighting, temperature)
+    return reference_memory_layer(x, table, bias, tau, weighting, temperature, hashed)
+
+
+# ---- functional API (checked) -------------------------------------------------------------------
+def memory_hash(x: Tensor, tau: int, weighting: str = "prob", temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Hash x chunk by chunk: x (..., K * tau) -> rows (..., K) int64 (`k * 2**tau + bucket`) and
+    differentiable weights (..., K) in x's dtype."""
+    check_hash_settings(weighting, temperature)
+    num_tables(check_input(x).shape[-1], check_tau(tau))
+    return _hash(x, tau, weighting, temperature)
+
+
+def gather_sum(rows: Tensor, weights: Tensor, table: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`out[n] = sum_k weights[n, k] * table[rows[n, k]] + bias`: rows, weights (..., K), table (R, out),
+    bias (out,) or None -> (..., out) in table's dtype (memoryformer.core.reference.reference_gather_sum)."""
+    return reference_gather_sum(rows, weights, table, bias)
 
 
 def memory_layer(
@@ -146,32 +105,12 @@ def memory_layer(
     Returns:
         (..., out_features).
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
-        _check_input(x, -1)  # raises the matching TypeError / ValueError
-    num_tables = _check_tau(x.shape[-1], tau)
-    expected_rows = num_tables << tau
-    if table.dim() != 2 or table.shape[0] != expected_rows:
-        raise ValueError(
-            f"table must have shape ({expected_rows}, out_features) for K={num_tables}, tau={tau}; "
-            f"got {tuple(table.shape)}"
-        )
+    check_hash_settings(weighting, temperature)
+    k = num_tables(check_input(x).shape[-1], check_tau(tau))
+    _check_table(table, k, tau)
     if hashed is not None:
-        _check_hashed(hashed, x.shape[:-1], num_tables)
-    return _memory_layer(x, table, bias, tau, weighting, temperature, hashed)
-
-
-def _memory_layer(x: Tensor, table: Tensor, bias: Tensor | None, tau: int, weighting: str, temperature: float,
-                  hashed: tuple[Tensor, Tensor] | None) -> Tensor:
-    """`memory_layer` on validated arguments (MemoryLayer.forward calls it directly: at decode sizes the
-    checks cost as much as the kernel)."""
-    # C++ kernels when available and faster (memoryformer.kernels); None -> the pure path below
-    fast = _kernels.try_memory_layer(x, table, bias, tau, weighting, temperature, hashed)
-    if fast is not None:
-        return fast
-    if hashed is None:
-        hashed = memory_hash(x, tau, weighting, temperature)
-    rows, weights = hashed
-    return gather_sum(rows, weights, table, bias)
+        check_hashed(hashed, x.shape[:-1], k)
+    return _layer(x, table, bias, tau, weighting, temperature, hashed)
 
 
 class MemoryLayer(nn.Module):
@@ -197,13 +136,10 @@ class MemoryLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_tables = _check_tau(in_features, tau)
+        check_hash_settings(weighting, temperature)
+        self.num_tables = num_tables(in_features, check_tau(tau))
         if out_features <= 0:
             raise ValueError(f"out_features must be positive, got {out_features}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         self.in_features = in_features
         self.out_features = out_features
         self.tau = tau
@@ -223,19 +159,25 @@ class MemoryLayer(nn.Module):
 
     def hash(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(..., in_features) -> rows (..., K) int64, weights (..., K) in x's dtype."""
-        _check_input(x, self.in_features)
-        return memory_hash(x, self.tau, self.weighting, self.temperature)
+        check_input(x, self.in_features)
+        return _hash(x, self.tau, self.weighting, self.temperature)
 
     def forward(self, x: Tensor, hashed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(..., in_features) -> (..., out_features). Pass `hashed` to reuse another layer's hash."""
-        _check_input(x, self.in_features)
-        table = self.table
-        if table.dim() != 2 or table.shape[0] != self.num_tables << self.tau:
-            raise ValueError(f"table must have shape ({self.num_tables << self.tau}, out_features) for "
-                             f"K={self.num_tables}, tau={self.tau}; got {tuple(table.shape)}")
+        check_input(x, self.in_features)
         if hashed is not None:
-            _check_hashed(hashed, x.shape[:-1], self.num_tables)
-        return _memory_layer(x, table, self.bias, self.tau, self.weighting, self.temperature, hashed)
+            check_hashed(hashed, x.shape[:-1], self.num_tables)
+        return _layer(x, self.table, self.bias, self.tau, self.weighting, self.temperature, hashed)
+
+    def decode_table(self) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """What the fused decode op (memoryformer.kernels.DecodeWeights) reads of this layer:
+        (table (R, out), bias (out,) or None, int8 per-row scales (R,) or None), or None where the op
+        does not apply: a table other than float32, or a subclass that changes forward."""
+        if type(self).forward is not MemoryLayer.forward:
+            return None
+        p = self._parameters  # read directly: this runs once per layer and decoded token
+        table = p["table"]
+        return (table, p.get("bias"), None) if table.dtype == torch.float32 else None
 
     # ---- accounting -----------------------------------------------------------------------
     def num_table_parameters(self) -> int:

@@ -194,57 +194,12 @@ class MemoryFormerBlock(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
         """(B, T, d) -> (B, T, d); standard pre-norm residuals (paper Eq. 13)."""
         if cache is not None and x.shape[1] == 1:
-            fused = self._decode_step(x, rope, cache)
+            # one fused C++ op for the whole block (memoryformer.kernels.DecodeBlock), where it applies
+            fused = _kernels.try_decode_block(self, x, rope, cache)
             if fused is not None:
                 return fused
         h = x + self.attn(self.attn_norm(x), rope, cache)
         return h + self.mlp(self.mlp_norm(h))
-
-    def _decode_step(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache) -> Tensor | None:
-        """The same block as one fused kernel call for one new token (B, 1, d), or None when the kernels
-        do not apply (gradients, dtypes other than float32, replaced layers, kernels off or unbuilt).
-
-        Runs once per block and token, so submodules and parameters are read from `_modules` and
-        `_parameters` directly (nn.Module.__getattr__ costs about 1 us per lookup)."""
-        attn, mlp = self._modules["attn"], self._modules["mlp"]
-        q, k, v = attn._modules["q_proj"], attn._modules["k_proj"], attn._modules["v_proj"]
-        ml1, norm, act, ml2 = (mlp._modules[name] for name in ("ml1", "norm", "act", "ml2"))
-        tables = [_decode_tables(m) for m in (q, k, v, ml1, ml2)]
-        if any(t is None for t in tables):
-            return None
-        gelu = type(act) is nn.GELU and act.approximate == "none"
-        if not (gelu or type(act) is nn.Identity) or type(norm) is not nn.LayerNorm:
-            return None
-        hash_spec = (q.tau, q.weighting, q.temperature)
-        if (any((m.tau, m.weighting, m.temperature) != hash_spec for m in (k, v, ml1))
-                or (ml2.weighting, ml2.temperature) != hash_spec[1:]):
-            return None
-        (tq, bq, sq), (tk, bk, sk), (tv, bv, sv), (t1, b1, s1), (t2, b2, s2) = tables
-        ln = norm._parameters
-        params = [self._modules["attn_norm"]._parameters["weight"], tq, bq, tk, bk, tv, bv,
-                  self._modules["mlp_norm"]._parameters["weight"], t1, b1, ln.get("weight"), ln.get("bias"), t2, b2]
-        if params[10] is None or params[11] is None:
-            return None  # LayerNorm without affine parameters
-        if cache.length >= cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write up to {cache.length + 1}")
-        layer = attn.layer
-        y = _kernels.try_decode_block(
-            x.view(x.shape[0], -1), cache.keys[layer], cache.values[layer], cache.length, rope[0], rope[1], params,
-            rms_eps=self._modules["attn_norm"].eps, ln_eps=norm.eps, n_heads=attn.n_heads, tau=q.tau,
-            tau2=ml2.tau, weighting=q.weighting, temperature=q.temperature, gelu=gelu, scales=[sq, sk, sv, s1, s2])
-        return None if y is None else y.view_as(x)
-
-
-def _decode_tables(m: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
-    """(table, bias, scales) of a Memory Layer the fused decode op can read, else None: a float32
-    MemoryLayer, or a bf16 / int8 inference layer of memoryformer.inference.quantize (sums in float32 both ways)."""
-    if type(m) is MemoryLayer:
-        p = m._parameters
-        return (p["table"], p.get("bias"), None) if p["table"].dtype == torch.float32 else None
-    if getattr(type(m), "fused_decode", False):
-        b = m._buffers
-        return b["table"], b.get("bias"), b.get("scales")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,14 +295,39 @@ class LanguageModel(nn.Module):
                     nn.init.zeros_(module.bias)
 
     # ---- forward -------------------------------------------------------------------------
+    def check_tokens(self, idx: Tensor, cache: KVCache | None = None, extra: int = 0) -> None:
+        """Check token ids idx (B, T) before they reach the embedding (where a bad id is a torch-internal
+        error, on CUDA a device-side assert): an int64 / int32 tensor, B and T positive, ids in
+        [0, vocab_size), and the cached positions + T (+ `extra` to generate) within max_seq_len and the
+        cache. One ValueError / TypeError naming what is wrong. The id range costs one aminmax (one device
+        sync); it is skipped while torch.compile traces (a data-dependent check would break the graph) and
+        on the meta device (no values)."""
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+            raise TypeError(f"token ids must be an int64 tensor of shape (batch, seq), got {got}")
+        B, T = idx.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"token ids must hold at least one sequence of at least one token, got shape {(B, T)}")
+        start = cache.length if cache is not None else 0
+        end = start + T + extra
+        if end > self.config.max_seq_len:
+            what = f"{start} cached + {T} new" + (f" + {extra} to generate" if extra else "")
+            raise ValueError(f"sequence of {end} positions ({what}) exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write up to {end}")
+        if cache is not None and B != cache.keys[0].shape[0]:
+            raise ValueError(f"batch of {B} sequences does not match the KV cache's {cache.keys[0].shape[0]}")
+        if not (torch.compiler.is_compiling() or idx.is_meta):
+            low, high = torch.stack(torch.aminmax(idx)).tolist()  # one device sync
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
     def hidden_states(self, idx: Tensor, *, cache: KVCache | None = None) -> Tensor:
         """idx (B, T) int64 -> final-normed hidden states (B, T, d), everything but the head."""
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"idx must be an int64 tensor of shape (batch, seq), got {idx.dtype} {tuple(idx.shape)}")
+        self.check_tokens(idx, cache)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
         cos, sin = self._rotary_tables(x.device, x.dtype, start + T)
         rope = cos[start:start + T], sin[start:start + T]
@@ -405,13 +385,11 @@ class LanguageModel(nn.Module):
         temperature 0 is greedy. top_k keeps the k most likely tokens; top_p the smallest set whose
         probability reaches p. A sequence that emits stop_token is padded with it until all stop.
         `on_token` receives each new (B,) token tensor as it is chosen (for streaming)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        self.check_tokens(idx, extra=max_new_tokens)
         B, T = idx.shape
         total = T + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
-                             f"{self.config.max_seq_len}")
         cache = self.new_cache(B, total)
         logits, _ = self(idx, cache=cache, last_logits_only=True)
         out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memoryformer import kernels
-from memoryformer.core.layer import MemoryLayer, _check_hashed, _check_input, memory_hash
+from memoryformer.core.layer import MemoryLayer, check_hashed, check_input, memory_hash
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -73,7 +73,6 @@ class _QuantizedMemoryLayer(nn.Module):
     bias (out,) float32 or None."""
 
     precision = ""
-    fused_decode = True  # memoryformer.core.model's fused decode op reads table, bias (and scales) directly
 
     def __init__(self, layer: MemoryLayer) -> None:
         super().__init__()
@@ -83,16 +82,20 @@ class _QuantizedMemoryLayer(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.register_buffer("bias", bias)
 
-    def hash(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., in_features) -> rows (..., K) int64, weights (..., K): MemoryLayer.hash, unchanged."""
-        _check_input(x, self.in_features)
-        return memory_hash(x, self.tau, self.weighting, self.temperature)
+    hash = MemoryLayer.hash  # (..., in_features) -> rows (..., K) int64, weights (..., K): the same hash
 
     def _check(self, x: Tensor, hashed: tuple[Tensor, Tensor] | None) -> None:
-        _check_input(x, self.in_features)
+        check_input(x, self.in_features)
         _inference_only(self, x)
         if hashed is not None:
-            _check_hashed(hashed, x.shape[:-1], self.num_tables)
+            check_hashed(hashed, x.shape[:-1], self.num_tables)
+
+    def decode_table(self) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """What the fused decode op reads (memoryformer.kernels.DecodeWeights, as MemoryLayer.decode_table):
+        (table (R, out) bf16 or int8, bias (out,) float32 or None, per-row scales (R,) float32 for int8
+        else None). The op sums in float32, as forward does."""
+        b = self._buffers
+        return b["table"], b.get("bias"), b.get("scales")
 
     def table_bytes(self) -> int:
         """Bytes of the table and its scales (the bias is not counted)."""
@@ -121,7 +124,7 @@ class BF16MemoryLayer(_QuantizedMemoryLayer):
     def forward(self, x: Tensor, hashed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(..., in_features) -> (..., out_features); `hashed` reuses another layer's hash of x."""
         self._check(x, hashed)
-        rows, weights = hashed if hashed is not None else memory_hash(x, self.tau, self.weighting, self.temperature)
+        rows, weights = hashed if hashed is not None else self.hash(x)
         return gather_sum_dequant(rows, weights, self.table, None, self.bias).to(x.dtype)
 
 
@@ -464,32 +467,41 @@ def precision_report(model: nn.Module, tokens: Tensor, *, options: Sequence[str]
     was_training = model.training
     model.eval()
     try:
-        reference, ref_rows, first = _run(model, tokens, batch_size, keep_first=True)
+        reference = _run(model, tokens, batch_size, keep_first=True)
     finally:
         model.train(was_training)
-    starts = range(0, tokens.shape[0], batch_size)
-    scored = tokens.shape[0] * (tokens.shape[1] - 1)
-    ref_ppl = math.exp(sum(_nll_sum(r, tokens[i:i + batch_size]) for i, r in zip(starts, reference)) / scored)
-    report = []
-    for option, (tables, head) in parsed.items():
-        if tables is None and head is None:
-            qmodel, outputs, rows = model, reference, ref_rows
-        else:
-            qmodel = quantize_model(model, tables=tables, head=head)
-            outputs, rows, _ = _run(qmodel, tokens, batch_size)
-        ppl = math.exp(sum(_nll_sum(q, tokens[i:i + batch_size]) for i, q in zip(starts, outputs)) / scored)
-        errors = _logit_errors(reference, outputs)
-        size = storage_bytes(qmodel)
-        target = TARGETS.get(option)
-        flips = sum(int((rows[n] != ref_rows[n]).sum()) for n in ref_rows)
-        report.append({
-            "option": option, "tables": (tables or REFERENCE) if has_tables else None, "head": head or REFERENCE,
-            **errors, "perplexity": ppl, "ppl_delta": ppl - ref_ppl, "ppl_delta_rel": ppl / ref_ppl - 1,
-            "layer_rel_err": _layer_error(qmodel, first) if has_tables else None,
-            "hash_flip_rate": flips / sum(r.numel() for r in ref_rows.values()) if has_tables else None,
-            "table_bytes": size["tables"] if has_tables else None, "head_bytes": size["head"],
-            "positions": tokens.numel(), "scored_tokens": scored, "target": target,
-            "target_met": None if target is None else errors["rel_l2_err"] <= target,
-        })
-        del qmodel, outputs, rows
-    return report
+    return [_option_row(model, option, precisions, tokens, batch_size, reference, has_tables)
+            for option, precisions in parsed.items()]
+
+
+def _perplexity(logits: list[Tensor], tokens: Tensor, batch_size: int) -> float:
+    """exp(summed NLL of tokens[:, 1:] / scored tokens), logits one (b, T, V) tensor per batch of rows."""
+    nll = sum(_nll_sum(q, tokens[i:i + batch_size]) for i, q in zip(range(0, tokens.shape[0], batch_size), logits))
+    return math.exp(nll / (tokens.shape[0] * (tokens.shape[1] - 1)))
+
+
+def _option_row(model: nn.Module, option: str, precisions: tuple[str | None, str | None], tokens: Tensor,
+                batch_size: int, reference: tuple, has_tables: bool) -> dict:
+    """One precision_report row: quantize (unless fp32), run the same rows, compare with `reference`
+    (the float32 model's `_run(..., keep_first=True)`)."""
+    ref_logits, ref_rows, first = reference
+    tables, head = precisions
+    if tables is None and head is None:
+        qmodel, outputs, rows = model, ref_logits, ref_rows
+    else:
+        qmodel = quantize_model(model, tables=tables, head=head)
+        outputs, rows, _ = _run(qmodel, tokens, batch_size)
+    ref_ppl, ppl = _perplexity(ref_logits, tokens, batch_size), _perplexity(outputs, tokens, batch_size)
+    errors = _logit_errors(ref_logits, outputs)
+    size = storage_bytes(qmodel)
+    target = TARGETS.get(option)
+    flips = sum(int((rows[n] != ref_rows[n]).sum()) for n in ref_rows)
+    return {
+        "option": option, "tables": (tables or REFERENCE) if has_tables else None, "head": head or REFERENCE,
+        **errors, "perplexity": ppl, "ppl_delta": ppl - ref_ppl, "ppl_delta_rel": ppl / ref_ppl - 1,
+        "layer_rel_err": _layer_error(qmodel, first) if has_tables else None,
+        "hash_flip_rate": flips / sum(r.numel() for r in ref_rows.values()) if has_tables else None,
+        "table_bytes": size["tables"] if has_tables else None, "head_bytes": size["head"],
+        "positions": tokens.numel(), "scored_tokens": tokens.shape[0] * (tokens.shape[1] - 1), "target": target,
+        "target_met": None if target is None else errors["rel_l2_err"] <= target,
+    }

@@ -309,10 +309,10 @@ def _replace_own_import(match: re.Match) -> str:
 
 def remote_code_source() -> str:
     """The text of the self-contained `modeling_memoryformer.py` (config, layer, model, HF classes)."""
-    from memoryformer.core import config, layer, model
+    from memoryformer.core import config, layer, model, reference
 
     parts = [_REMOTE_HEADER]
-    for module in (config, layer, model):
+    for module in (reference, config, layer, model):
         text = inspect.getsource(module).replace("from __future__ import annotations\n", "")
         text = _OWN_IMPORT.sub(_replace_own_import, text)
         parts.append(f"\n# {'=' * 90}\n# memoryformer/{Path(module.__file__).name}\n# {'=' * 90}\n{text}")

@@ -1,6 +1,6 @@
 """Fast CPU paths for the Memory Layer, behind torch.library custom ops (`torch.ops.memoryformer.*`).
 
-The math is memoryformer.core.layer's (the pure-PyTorch reference, always available); these kernels fuse
+The math is memoryformer.core.reference's (the pure-PyTorch reference, always available); these kernels fuse
 the hash with the weighted gather, split a token's output columns across threads at small N, work
 table-row by table-row at large N, and compute the table / weight / input gradients without a
 dense `embedding_bag` backward. Nothing compiles at import: the first use builds the C++ source
@@ -15,13 +15,19 @@ Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
     gather_sum(rows, weights, table, bias=None) -> (..., out)
     quantize_tables(table) -> (int8 table, fp32 per-row scales)
     memory_layer_int8(x, qtable, scales, bias=None, *, tau, weighting, temperature) -> float32
+    decode_block(x, k_cache, v_cache, pos, cos, sin, DecodeBlock) -> (B, d): one block, one token
+        DecodeBlock(weights: DecodeWeights, scales: DecodeScales, settings: DecodeSettings) names the
+        op's slots (decode_inputs.py); DecodeBlock.from_block(MemoryFormerBlock) reads a block
     backend(name) context manager, set_backend(name), get_backend(): "auto" | "kernels" | "torch"
     load() -> bool (build/load now), loaded() -> bool, last_error()
 Dtypes: x and tables float32 or bfloat16 (outputs and table gradients in the table's dtype,
 accumulation in float32); int8 tables for inference. Other dtypes/devices take the pure path.
 
-The layer dispatches here: memoryformer.core.layer.memory_layer through `try_memory_layer` and
-memoryformer.core.layer.memory_hash through `try_memory_hash` (so a shared hash equals the fused one).
+The layer dispatches here (memoryformer.core.layer's `_layer` and `_hash`, its one call each): through
+`try_memory_layer` and `try_memory_hash` (so a shared hash equals the fused one), which answer None
+where the kernels do not apply; the layer then runs memoryformer.core.reference. MemoryFormerBlock
+decodes through `try_decode_block` (DecodeBlock.from_block reads the block). This package imports
+memoryformer.core.reference only, never the layer or the model.
 Switches: MEMORYFORMER_KERNELS=0 (pure path), =force (kernels at every shape), unset/1 ("auto");
 `with kernels.backend("torch"): ...` for one block.
 
@@ -36,6 +42,7 @@ Ops (all with fake kernels for meta tensors / torch.compile, and FLOP formulas):
     decode_block                           one whole MemoryFormer block for one decoding step (fp32):
                                            norms, shared hash, Q/K/V, rotary, KV-cache write, attention,
                                            Memory Block; `decode_block` below, used by MemoryFormerBlock
+                                           through `try_decode_block`
     _set_option(name, value) -> old        tuning knobs (algorithm, block sizes), for benchmarks
 
 Algorithms (forward; the summation order is the same in all, so results are bitwise identical):
@@ -58,13 +65,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memoryformer.core import reference
 from memoryformer.kernels import _loader
 from memoryformer.kernels._backend import BACKENDS, backend, get_backend, set_backend
 from memoryformer.kernels._loader import last_error, load, loaded
+from memoryformer.kernels.decode_inputs import DecodeBlock, DecodeScales, DecodeSettings, DecodeWeights
 
 __all__ = [
-    "BACKENDS", "backend", "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash",
-    "decode_block", "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
+    "BACKENDS", "DecodeBlock", "DecodeScales", "DecodeSettings", "DecodeWeights", "backend", "decode_block",
+    "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash", "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
     "supported", "try_decode_block", "try_memory_hash", "try_memory_layer",
 ]
 
@@ -121,16 +130,14 @@ def memory_layers(
         [(..., out_i)] in each table's dtype. Falls back to the pure path when kernels are off or
         unsupported for these tensors.
     """
+    reference.check_hash_settings(weighting, temperature)
+    reference.num_tables(x.shape[-1], reference.check_tau(tau))
     biases = list(biases) if biases is not None else [None] * len(tables)
     if len(biases) != len(tables):
         raise ValueError(f"got {len(tables)} tables but {len(biases)} biases; pass None for no bias")
     if get_backend() == "torch" or not supported(x, *tables) or not load():
-        from memoryformer.core.layer import memory_hash as ref_hash
-        from memoryformer.core.layer import memory_layer as ref_layer
-
-        hashed = ref_hash(x, tau, weighting, temperature)
-        return [ref_layer(x, t, b, tau=tau, weighting=weighting, temperature=temperature, hashed=hashed)
-                for t, b in zip(tables, biases)]
+        hashed = reference.reference_memory_hash(x, tau, weighting, temperature)
+        return [reference.reference_gather_sum(*hashed, t, b) for t, b in zip(tables, biases)]
     op = _op("memory_layer", _grad(x, *tables, *biases))
     outs = op(_flat(x), list(tables), _biases(x, biases), tau, weighting, float(temperature))
     return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
@@ -200,85 +207,72 @@ def memory_layer_int8(
     Returns (..., out_features) float32. Without the kernels, dequantises and uses the pure path.
     """
     if not (get_backend() != "torch" and supported(x) and load()):
-        from memoryformer.core.layer import memory_layer as ref_layer
-
         table = qtable.float() * scales.float()[:, None]
-        return ref_layer(x.float(), table, None if bias is None else bias.float(), tau=tau,
-                         weighting=weighting, temperature=temperature)
+        return reference.reference_memory_layer(x.float(), table, None if bias is None else bias.float(), tau, weighting,
+                                      temperature)
     out = torch.ops.memoryformer.memory_layer_q8(_flat(x), qtable, scales, bias, tau, weighting,
                                                  float(temperature))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def decode_block(
-    x: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    pos: int,
-    cos: Tensor,
-    sin: Tensor,
-    params: list[Tensor | None],
-    *,
-    scales: list[Tensor | None] | None = None,
-    rms_eps: float,
-    ln_eps: float,
-    n_heads: int,
-    tau: int,
-    tau2: int,
-    weighting: str = "prob",
-    temperature: float = 1.0,
-    gelu: bool = False,
-) -> Tensor:
+def decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor, sin: Tensor,
+                 block: DecodeBlock) -> Tensor:
     """One MemoryFormer block (paper Eq. 13) for one new token per sequence, in one op. Inference only.
 
     Args:
         x: (B, d) block input, float32.
         k_cache, v_cache: (B, H, max_len, Dh) float32; position `pos` is written, [0, pos] attended.
         cos, sin: (rotary_dims,) rotary tables for `pos`.
-        params: [attn_norm_w, q_table, q_bias, k_table, k_bias, v_table, v_bias, mlp_norm_w,
-            ml1_table, ml1_bias, ln_w, ln_b, ml2_table, ml2_bias]; a bias may be None. Tables are
-            float32, bfloat16, or int8 with per-row scales; everything else float32.
-        scales: None, or the (R,) float32 scales of the q, k, v, ml1, ml2 tables (None where not int8).
+        block: the block's weights, int8 scales and settings (`DecodeBlock.from_block`).
     Returns:
         (B, d) float32 block output, every sum in float32. Requires the kernels (`try_decode_block`
         returns None instead where they do not apply).
     """
     _require()
     empty = x.new_empty(0)
-    params = [empty if p is None else p for p in params]
-    scales = [] if scales is None or all(s is None for s in scales) else [empty if s is None else s for s in scales]
+    params = [empty if p is None else p for p in block.weights]
+    scales = [] if all(s is None for s in block.scales) else [empty if s is None else s for s in block.scales]
+    st = block.settings
     return torch.ops.memoryformer.decode_block(x, k_cache, v_cache, int(pos), cos, sin, params, scales,
-                                               float(rms_eps), float(ln_eps), n_heads, tau, tau2, weighting,
-                                               float(temperature), gelu)
+                                               float(st.rms_eps), float(st.ln_eps), st.n_heads, st.tau, st.tau2,
+                                               st.weighting, float(st.temperature), st.gelu)
 
 
-_TABLE_SLOTS = (1, 3, 5, 8, 12)  # the positions of the tables in decode_block's params
+_TABLE_FIELDS = frozenset(name for name in DecodeWeights._fields if name.endswith("_table"))
 _TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
-def try_decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Tensor, sin: Tensor,
-                     params: list[Tensor | None], **options) -> Tensor | None:
-    """`decode_block(...)` when it applies (kernels on and built, no gradient needed, CPU tensors of the
-    supported dtypes), else None so that the caller runs the eager block."""
-    if get_backend() == "torch" or torch.jit.is_scripting():
-        return None
-    f32 = torch.float32
-    if x.dtype != f32 or not x.is_cpu:
-        return None
+def _decodable(x: Tensor, caches: tuple[Tensor, Tensor], block: DecodeBlock) -> bool:
+    """The op's tensor conditions: CPU, float32 (tables float32 / bfloat16 / int8), no gradient needed."""
     grad = torch.is_grad_enabled()
-    if grad and x.requires_grad:
-        return None
-    for i, t in enumerate((k_cache, v_cache, *params, *(options.get("scales") or ()))):
+    if x.dtype != torch.float32 or not x.is_cpu or (grad and x.requires_grad):
+        return False
+    named = [*zip(("k_cache", "v_cache"), caches), *zip(DecodeWeights._fields, block.weights),
+             *zip(("scales",) * 5, block.scales)]
+    for name, t in named:
         if t is None:
             continue
-        ok_dtype = t.dtype in _TABLE_DTYPES if i - 2 in _TABLE_SLOTS else t.dtype == f32
+        ok_dtype = t.dtype in _TABLE_DTYPES if name in _TABLE_FIELDS else t.dtype == torch.float32
         if not ok_dtype or not t.is_cpu or (grad and t.requires_grad):
-            return None
-    if not (_loader._state["ok"] or load()):
+            return False
+    return True
+
+
+def try_decode_block(block: torch.nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor | None:
+    """MemoryFormerBlock's fused step for one new token per sequence: x (B, 1, d) at position
+    `cache.length` of a KVCache -> (B, 1, d), or None so that the caller runs the eager block (backend
+    "torch", kernels unbuilt, gradients, dtypes or layers the op does not handle)."""
+    if get_backend() == "torch" or torch.jit.is_scripting():
         return None
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return decode_block(x, k_cache, v_cache, pos, cos, sin, params, **options)
+    inputs = DecodeBlock.from_block(block)
+    layer = block._modules["attn"].layer
+    caches = (cache.keys[layer], cache.values[layer])
+    if inputs is None or not _decodable(x, caches, inputs) or not (_loader._state["ok"] or load()):
+        return None
+    flat = x.reshape(x.shape[0], -1)
+    y = decode_block(flat if flat.is_contiguous() else flat.contiguous(), *caches, cache.length, rope[0], rope[1],
+                     inputs)
+    return y.view_as(x)
 
 
 # "auto" threshold table, from interleaved A/B timings on a 2-core Zen 3 (see the kernels report):

@@ -145,12 +145,17 @@ def _register_flops() -> None:
         return 2 * passes * rows_shape[0] * rows_shape[1] * table_shape[1]
 
 
+    from memoryformer.kernels.decode_inputs import DecodeWeights  # the op's slot order
+
+    ml1_table = DecodeWeights._fields.index("ml1_table")
+
     @register_flop_formula(ops.decode_block)
     def _(x_shape, k_shape, v_shape, pos, cos_shape, sin_shape, params_shapes, scales_shapes, rms_eps, ln_eps,
           n_heads, tau, tau2, *args, out_shape=None, **kwargs) -> int:
         b, d = x_shape
-        k1, k2 = d // tau, params_shapes[8][1] // tau2
-        gathers = k1 * 3 * d + k1 * params_shapes[8][1] + k2 * d
+        hidden = params_shapes[ml1_table][1]
+        k1, k2 = d // tau, hidden // tau2
+        gathers = k1 * 3 * d + k1 * hidden + k2 * d
         attention = 2 * d * (pos + 1)  # q.k and p.v over the pos + 1 cached positions
         return 2 * b * (gathers + attention)
 

@@ -10,19 +10,33 @@
 //   4. LayerNorm, [GeLU], hash with tau + e bits, ML2 gather, residual
 //
 // x (B, d) is the block input of B sequences at position `pos`; k_cache and v_cache
-// (B, H, max_len, Dh) are written at `pos`. params (empty tensor = no bias):
-//   [attn_norm_w (d), q_table, q_bias, k_table, k_bias, v_table, v_bias, mlp_norm_w (d),
-//    ml1_table (K1*2^tau, hidden), ml1_bias, ln_w (hidden), ln_b (hidden),
-//    ml2_table (K2*2^tau2, d), ml2_bias]
-// Tables may be float32, bfloat16 or int8; `scales` is empty or holds the (R,) per-row scales of the
-// q, k, v, ml1, ml2 tables (an empty tensor for a table that is not int8). Sums are float32.
-// Returns the block output (B, d).
+// (B, H, max_len, Dh) are written at `pos`. `params` holds the block's tensors in DecodeSlot order
+// (an empty tensor = no bias); `scales` is empty or holds the (R,) per-row scales of the int8 tables in
+// ScaleSlot order (an empty tensor for a table that is not int8). Tables may be float32, bfloat16 or
+// int8; sums are float32. Returns the block output (B, d).
+//
+// The Python side names the same slots: memoryformer.kernels.DecodeWeights and DecodeScales (the
+// field order must match these enums; tests/test_decode_kernel.py compares them).
 
 #include "memory_common.h"
 
 namespace mf {
 
 namespace {
+
+// The positions of the block's tensors in `params`.
+enum DecodeSlot : int {
+  ATTN_NORM_W,  // (d) RMSNorm before attention
+  Q_TABLE, Q_BIAS, K_TABLE, K_BIAS, V_TABLE, V_BIAS,  // (K1*2^tau, d), (d); a bias follows its table
+  MLP_NORM_W,  // (d) RMSNorm before the Memory Block
+  ML1_TABLE, ML1_BIAS,  // (K1*2^tau, hidden), (hidden)
+  LN_W, LN_B,  // (hidden) the Memory Block's LayerNorm
+  ML2_TABLE, ML2_BIAS,  // (K2*2^tau2, d), (d)
+  NUM_DECODE_SLOTS
+};
+
+// The positions of the int8 tables' scales in `scales`.
+enum ScaleSlot : int { SCALE_Q, SCALE_K, SCALE_V, SCALE_ML1, SCALE_ML2, NUM_SCALE_SLOTS };
 
 // One gather job: out (N, d) = bias + sum_k w[n,k] scale[row] table[rows[n,k]], the table float32,
 // bfloat16, or int8 with per-row scales.
@@ -234,6 +248,97 @@ void check_bias(const at::Tensor& t, const char* name, int64_t d) {
   check_f32(t, name, {d});
 }
 
+// The block's sizes, from x and the tables, once every input is checked.
+struct DecodeDims {
+  int64_t B, d, H, Dh, L, rot, hidden;
+  HashSpec hs, hs2;  // the hash of the d-wide inputs (tau) and of the hidden layer (tau2)
+};
+
+// Check every input of decode_block (counts, dtypes, shapes, position) and return the sizes.
+DecodeDims check_decode_inputs(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               int64_t pos, const at::Tensor& cosf, const at::Tensor& sinf, at::TensorList params,
+                               at::TensorList scales, int64_t n_heads, int64_t tau, int64_t tau2,
+                               c10::string_view weighting, double temperature) {
+  TORCH_CHECK(params.size() == NUM_DECODE_SLOTS, "memoryformer::decode_block: expected ", int(NUM_DECODE_SLOTS),
+              " parameter tensors, got ", params.size());
+  TORCH_CHECK(scales.empty() || scales.size() == NUM_SCALE_SLOTS, "memoryformer::decode_block: expected no "
+              "scales or 5 (q, k, v, ml1, ml2; empty tensors for tables that are not int8), got ", scales.size());
+  TORCH_CHECK(x.dim() == 2, "memoryformer::decode_block: x must be (batch, d_model); got ", x.sizes());
+  DecodeDims m{};
+  m.B = x.size(0), m.d = x.size(1);
+  check_f32(x, "x", {m.B, m.d});
+  TORCH_CHECK(n_heads > 0 && m.d % n_heads == 0, "memoryformer::decode_block: d_model=", m.d,
+              " is not divisible by n_heads=", n_heads);
+  m.H = n_heads, m.Dh = m.d / n_heads;
+  TORCH_CHECK(k_cache.dim() == 4, "memoryformer::decode_block: k_cache must be (B, H, max_len, Dh)");
+  m.L = k_cache.size(2);
+  check_f32(k_cache, "k_cache", {m.B, m.H, m.L, m.Dh});
+  check_f32(v_cache, "v_cache", {m.B, m.H, m.L, m.Dh});
+  TORCH_CHECK(pos >= 0 && pos < m.L, "memoryformer::decode_block: position ", pos, " is outside the cache of ",
+              m.L, " positions");
+  m.rot = cosf.numel();
+  TORCH_CHECK(m.rot <= m.Dh && m.rot <= 1024 && m.rot % 2 == 0 && sinf.numel() == m.rot,
+              "memoryformer::decode_block: cos and sin must hold the same even number (<= head_dim, <= 1024) "
+              "of rotary dims; got ", m.rot, " and ", sinf.numel());
+  check_f32(cosf, "cos", {m.rot});
+  check_f32(sinf, "sin", {m.rot});
+  const at::Tensor& ml1 = params[ML1_TABLE];
+  TORCH_CHECK(ml1.dim() == 2, "memoryformer::decode_block: ml1_table must be 2-D");
+  m.hidden = ml1.size(1);
+  m.hs = make_spec(m.d, tau, weighting, temperature);
+  m.hs2 = make_spec(m.hidden, tau2, weighting, temperature);
+  return m;
+}
+
+// Check the weights against the sizes (DecodeSlot order; biases may be empty).
+void check_decode_weights(const DecodeDims& m, at::TensorList params, at::TensorList scales) {
+  const at::Tensor none;
+  auto scale_of = [&](int i) -> const at::Tensor& { return scales.empty() ? none : scales[i]; };
+  const int64_t R = m.hs.K << m.hs.tau, R2 = m.hs2.K << m.hs2.tau;
+  check_f32(params[ATTN_NORM_W], "attn_norm_w", {m.d});
+  const int tables[3] = {Q_TABLE, K_TABLE, V_TABLE};
+  for (int i = 0; i < 3; ++i) {
+    check_table(params[tables[i]], scale_of(SCALE_Q + i), "q/k/v table", R, m.d);
+    check_bias(params[tables[i] + 1], "q/k/v bias", m.d);  // each bias follows its table
+  }
+  check_f32(params[MLP_NORM_W], "mlp_norm_w", {m.d});
+  check_table(params[ML1_TABLE], scale_of(SCALE_ML1), "ml1_table", R, m.hidden);
+  check_bias(params[ML1_BIAS], "ml1_bias", m.hidden);
+  check_f32(params[LN_W], "ln_w", {m.hidden});
+  check_f32(params[LN_B], "ln_b", {m.hidden});
+  check_table(params[ML2_TABLE], scale_of(SCALE_ML2), "ml2_table", R2, m.d);
+  check_bias(params[ML2_BIAS], "ml2_bias", m.d);
+}
+
+// One gather job of a (table, bias) pair in DecodeSlot order.
+GatherJob job(at::TensorList params, at::TensorList scales, int table, int scale, const int32_t* rows,
+              const float* w, int64_t K, float* out) {
+  return {rows, w, K, &params[table], ptr_or_null(scales, scale), ptr_or_null(params[table + 1]), out};
+}
+
+// Phase 2: per (token, head) rotary on q and k, the cache write at `pos`, attention over [0, pos] -> out.
+void attend_all(const DecodeDims& m, float* q, float* k, const float* v, float* kc, float* vc, int64_t pos,
+                const float* cp, const float* sp, float* out) {
+  const int64_t H = m.H, Dh = m.Dh, L = m.L, d = m.d, S = pos + 1;
+  auto attend = [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      float* qh = q + b * d + h * Dh;
+      float* kh = k + b * d + h * Dh;
+      rotary(qh, cp, sp, m.rot);
+      rotary(kh, cp, sp, m.rot);
+      float* kbase = kc + (b * H + h) * L * Dh;
+      float* vbase = vc + (b * H + h) * L * Dh;
+      std::memcpy(kbase + pos * Dh, kh, Dh * sizeof(float));
+      std::memcpy(vbase + pos * Dh, v + b * d + h * Dh, Dh * sizeof(float));
+      attend_one(qh, kbase, vbase, S, Dh, out + b * d + h * Dh, scores);
+    }
+  };
+  if (m.B * H * S * Dh < 32768) attend(0, m.B * H);
+  else at::parallel_for(0, m.B * H, 1, attend);
+}
+
 }  // namespace
 
 at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
@@ -241,51 +346,13 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
                         at::TensorList scales, double rms_eps,
                         double ln_eps, int64_t n_heads, int64_t tau, int64_t tau2, c10::string_view weighting,
                         double temperature, bool gelu) {
-  TORCH_CHECK(params.size() == 14, "memoryformer::decode_block: expected 14 parameter tensors, got ",
-              params.size());
-  TORCH_CHECK(scales.empty() || scales.size() == 5, "memoryformer::decode_block: expected no scales or 5 (q, k, "
-              "v, ml1, ml2; empty tensors for tables that are not int8), got ", scales.size());
-  const at::Tensor none;
-  auto scale_of = [&](size_t i) -> const at::Tensor& { return scales.empty() ? none : scales[i]; };
-  TORCH_CHECK(x.dim() == 2, "memoryformer::decode_block: x must be (batch, d_model); got ", x.sizes());
-  const int64_t B = x.size(0), d = x.size(1);
-  check_f32(x, "x", {B, d});
-  TORCH_CHECK(n_heads > 0 && d % n_heads == 0, "memoryformer::decode_block: d_model=", d,
-              " is not divisible by n_heads=", n_heads);
-  const int64_t H = n_heads, Dh = d / H;
-  TORCH_CHECK(k_cache.dim() == 4, "memoryformer::decode_block: k_cache must be (B, H, max_len, Dh)");
-  const int64_t L = k_cache.size(2);
-  check_f32(k_cache, "k_cache", {B, H, L, Dh});
-  check_f32(v_cache, "v_cache", {B, H, L, Dh});
-  TORCH_CHECK(pos >= 0 && pos < L, "memoryformer::decode_block: position ", pos, " is outside the cache of ",
-              L, " positions");
   const at::Tensor cosf = cos_.reshape({-1}), sinf = sin_.reshape({-1});
-  const int64_t rot = cosf.numel();
-  TORCH_CHECK(rot <= Dh && rot <= 1024 && rot % 2 == 0 && sinf.numel() == rot,
-              "memoryformer::decode_block: cos and sin must hold the same even number (<= head_dim, <= 1024) "
-              "of rotary dims; got ", rot, " and ", sinf.numel());
-  check_f32(cosf, "cos", {rot});
-  check_f32(sinf, "sin", {rot});
-
-  const HashSpec hs = make_spec(d, tau, weighting, temperature);
-  const at::Tensor& ml1 = params[8];
-  TORCH_CHECK(ml1.dim() == 2, "memoryformer::decode_block: ml1_table must be 2-D");
-  const int64_t hidden = ml1.size(1);
-  const HashSpec hs2 = make_spec(hidden, tau2, weighting, temperature);
-  const int64_t R = hs.K << tau, R2 = hs2.K << tau2;
-  check_f32(params[0], "attn_norm_w", {d});
-  for (int i = 0; i < 3; ++i) {
-    check_table(params[1 + 2 * i], scale_of(i), "q/k/v table", R, d);
-    check_bias(params[2 + 2 * i], "q/k/v bias", d);
-  }
-  check_f32(params[7], "mlp_norm_w", {d});
-  check_table(ml1, scale_of(3), "ml1_table", R, hidden);
-  check_bias(params[9], "ml1_bias", hidden);
-  check_f32(params[10], "ln_w", {hidden});
-  check_f32(params[11], "ln_b", {hidden});
-  check_table(params[12], scale_of(4), "ml2_table", R2, d);
-  check_bias(params[13], "ml2_bias", d);
-
+  const DecodeDims m = check_decode_inputs(x, k_cache, v_cache, pos, cosf, sinf, params, scales, n_heads, tau,
+                                           tau2, weighting, temperature);
+  check_decode_weights(m, params, scales);
+  const int64_t B = m.B, d = m.d, hidden = m.hidden;
+  const HashSpec &hs = m.hs, &hs2 = m.hs2;
+  const float eps = static_cast<float>(rms_eps);
   const float* xp = x.data_ptr<float>();
   at::Tensor y = at::empty({B, d}, x.options());
   float* yp = y.data_ptr<float>();
@@ -296,58 +363,34 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
 
   // 1. RMSNorm, one hash, Q/K/V
   for (int64_t b = 0; b < B; ++b) {
-    rms_norm(xp + b * d, params[0].data_ptr<float>(), d, static_cast<float>(rms_eps), a.data() + b * d);
+    rms_norm(xp + b * d, params[ATTN_NORM_W].data_ptr<float>(), d, eps, a.data() + b * d);
     hash_token(a.data() + b * d, hs, e.data(), rows.data() + b * hs.K, w.data() + b * hs.K);
   }
-  std::vector<GatherJob> qkv;
-  float* outs[3] = {q.data(), k.data(), v.data()};
-  for (int i = 0; i < 3; ++i)
-    qkv.push_back({rows.data(), w.data(), hs.K, &params[1 + 2 * i], ptr_or_null(scales, i),
-                   ptr_or_null(params[2 + 2 * i]), outs[i]});
-  run_gathers(qkv, B);
+  run_gathers({job(params, scales, Q_TABLE, SCALE_Q, rows.data(), w.data(), hs.K, q.data()),
+               job(params, scales, K_TABLE, SCALE_K, rows.data(), w.data(), hs.K, k.data()),
+               job(params, scales, V_TABLE, SCALE_V, rows.data(), w.data(), hs.K, v.data())}, B);
 
   // 2. rotary, cache write, attention per (token, head); the output overwrites `a`
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const float* cp = cosf.data_ptr<float>();
-  const float* sp = sinf.data_ptr<float>();
-  const int64_t S = pos + 1;
-  auto attend = [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      float* qh = q.data() + b * d + h * Dh;
-      float* kh = k.data() + b * d + h * Dh;
-      rotary(qh, cp, sp, rot);
-      rotary(kh, cp, sp, rot);
-      float* kbase = kc + (b * H + h) * L * Dh;
-      float* vbase = vc + (b * H + h) * L * Dh;
-      std::memcpy(kbase + pos * Dh, kh, Dh * sizeof(float));
-      std::memcpy(vbase + pos * Dh, v.data() + b * d + h * Dh, Dh * sizeof(float));
-      attend_one(qh, kbase, vbase, S, Dh, a.data() + b * d + h * Dh, scores);
-    }
-  };
-  if (B * H * S * Dh < 32768) attend(0, B * H);
-  else at::parallel_for(0, B * H, 1, attend);
+  attend_all(m, q.data(), k.data(), v.data(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), pos,
+             cosf.data_ptr<float>(), sinf.data_ptr<float>(), a.data());
 
   // 3. residual h = x + attn (kept in y), RMSNorm, hash, ML1
   for (int64_t b = 0; b < B; ++b) {
     float* hb = yp + b * d;
     for (int64_t i = 0; i < d; ++i) hb[i] = xp[b * d + i] + a[b * d + i];
-    rms_norm(hb, params[7].data_ptr<float>(), d, static_cast<float>(rms_eps), a.data() + b * d);
+    rms_norm(hb, params[MLP_NORM_W].data_ptr<float>(), d, eps, a.data() + b * d);
     hash_token(a.data() + b * d, hs, e.data(), rows.data() + b * hs.K, w.data() + b * hs.K);
   }
-  run_gathers({{rows.data(), w.data(), hs.K, &ml1, ptr_or_null(scales, 3), ptr_or_null(params[9]), u.data()}}, B);
+  run_gathers({job(params, scales, ML1_TABLE, SCALE_ML1, rows.data(), w.data(), hs.K, u.data())}, B);
 
   // 4. LayerNorm, [GeLU], hash with tau2 bits, ML2 into `a`, residual
   for (int64_t b = 0; b < B; ++b) {
     float* ub = u.data() + b * hidden;
-    layer_norm_act(ub, params[10].data_ptr<float>(), params[11].data_ptr<float>(), hidden,
+    layer_norm_act(ub, params[LN_W].data_ptr<float>(), params[LN_B].data_ptr<float>(), hidden,
                    static_cast<float>(ln_eps), gelu);
     hash_token(ub, hs2, e.data(), rows.data() + b * hs2.K, w.data() + b * hs2.K);
   }
-  run_gathers({{rows.data(), w.data(), hs2.K, &params[12], ptr_or_null(scales, 4), ptr_or_null(params[13]),
-                a.data()}}, B);
+  run_gathers({job(params, scales, ML2_TABLE, SCALE_ML2, rows.data(), w.data(), hs2.K, a.data())}, B);
   for (int64_t i = 0; i < B * d; ++i) yp[i] += a[i];
   return y;
 }

@@ -1,0 +1,111 @@
+"""The inputs of the fused decode op `memoryformer::decode_block`, by name.
+
+DecodeWeights and DecodeScales are the op's tensor lists in its slot order (the C++ enums DecodeSlot and
+ScaleSlot of decode_kernels.cpp mirror them; tests/test_decode_kernel.py compares the two), DecodeSettings
+its scalars, and `DecodeBlock.from_block` reads them from a MemoryFormerBlock together with the checks
+that the op computes that block. This module imports only torch (memoryformer.kernels and its
+registration code both read it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class DecodeWeights(NamedTuple):
+    """The tensors of one MemoryFormer block that `memoryformer::decode_block` reads, in the op's slot
+    order (mirrored by `enum DecodeSlot` in decode_kernels.cpp). Tables are (R, out) float32, bfloat16,
+    or int8 with per-row scales (DecodeScales); a bias may be None; everything else is float32."""
+
+    attn_norm_w: Tensor  # (d,) RMSNorm before attention
+    q_table: Tensor
+    q_bias: Tensor | None
+    k_table: Tensor
+    k_bias: Tensor | None
+    v_table: Tensor
+    v_bias: Tensor | None
+    mlp_norm_w: Tensor  # (d,) RMSNorm before the Memory Block
+    ml1_table: Tensor  # (K * 2**tau, hidden)
+    ml1_bias: Tensor | None
+    ln_w: Tensor  # (hidden,) the Memory Block's LayerNorm
+    ln_b: Tensor
+    ml2_table: Tensor  # (K2 * 2**tau2, d)
+    ml2_bias: Tensor | None
+
+
+class DecodeScales(NamedTuple):
+    """The (R,) float32 per-row scales of the int8 tables; None for a table that is not int8."""
+
+    q: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+    ml1: Tensor | None = None
+    ml2: Tensor | None = None
+
+
+class DecodeSettings(NamedTuple):
+    """The block's scalars: norm epsilons, heads, the two hash widths and the weighting."""
+
+    rms_eps: float
+    ln_eps: float
+    n_heads: int
+    tau: int
+    tau2: int
+    weighting: str = "prob"
+    temperature: float = 1.0
+    gelu: bool = False
+
+
+class DecodeBlock(NamedTuple):
+    """Everything `decode_block` needs of one block besides the token and the cache."""
+
+    weights: DecodeWeights
+    scales: DecodeScales
+    settings: DecodeSettings
+
+    @classmethod
+    def from_block(cls, block: torch.nn.Module) -> DecodeBlock | None:
+        """Read a MemoryFormerBlock (memoryformer.core.model), or None where the fused op does not compute
+        the same block: a layer without a decode table (`decode_table()` of MemoryLayer and the quantized
+        layers), another activation or norm, or layers that do not share one hash setting.
+
+        Runs once per block and token, so submodules and parameters are read from `_modules` and
+        `_parameters` directly (nn.Module.__getattr__ costs about 1 us per lookup)."""
+        attn, mlp = block._modules["attn"], block._modules["mlp"]
+        layers = [attn._modules[n] for n in ("q_proj", "k_proj", "v_proj")] + [mlp._modules["ml1"], mlp._modules["ml2"]]
+        tables = [getattr(m, "decode_table", _no_table)() for m in layers]
+        if any(t is None for t in tables):
+            return None
+        settings = _decode_settings(block, layers)
+        ln = mlp._modules["norm"]._parameters
+        if settings is None or ln.get("weight") is None or ln.get("bias") is None:
+            return None
+        (tq, bq, sq), (tk, bk, sk), (tv, bv, sv), (t1, b1, s1), (t2, b2, s2) = tables
+        weights = DecodeWeights(block._modules["attn_norm"]._parameters["weight"], tq, bq, tk, bk, tv, bv,
+                                block._modules["mlp_norm"]._parameters["weight"], t1, b1, ln["weight"], ln["bias"],
+                                t2, b2)
+        return cls(weights, DecodeScales(sq, sk, sv, s1, s2), settings)
+
+
+def _no_table() -> None:
+    return None
+
+
+def _decode_settings(block: torch.nn.Module, layers: list[torch.nn.Module]) -> DecodeSettings | None:
+    """The block's DecodeSettings, or None for a norm / activation the op does not have, or for layers
+    whose hash settings differ (all five share weighting and temperature; Q, K, V and ML1 share tau)."""
+    mlp = block._modules["mlp"]
+    norm, act = mlp._modules["norm"], mlp._modules["act"]
+    gelu = type(act) is torch.nn.GELU and act.approximate == "none"
+    if not (gelu or type(act) is torch.nn.Identity) or type(norm) is not torch.nn.LayerNorm:
+        return None
+    q, ml2 = layers[0], layers[-1]
+    spec = (q.tau, q.weighting, q.temperature)
+    if any((m.tau, m.weighting, m.temperature) != spec for m in layers[1:-1]) or \
+            (ml2.weighting, ml2.temperature) != spec[1:]:
+        return None
+    return DecodeSettings(block._modules["attn_norm"].eps, norm.eps, block._modules["attn"].n_heads, q.tau,
+                          ml2.tau, q.weighting, q.temperature, gelu)
