@@ -78,8 +78,10 @@ class CorpusReport:
         lines = []
         if self.non_utf8:
             first = next(iter(self.non_utf8))
-            lines.append(f"{_count(len(self.non_utf8), 'file')} not valid UTF-8: their invalid bytes were read as "
-                         f"U+FFFD ({sum(self.non_utf8.values()):,} characters; first: {first})")
+            one = len(self.non_utf8) == 1
+            lines.append(f"{_count(len(self.non_utf8), 'file')} {'is' if one else 'are'} not valid UTF-8: "
+                         f"{'its' if one else 'their'} invalid bytes were read as U+FFFD "
+                         f"({_count(sum(self.non_utf8.values()), 'character')}; first: {first})")
         if self.binary:
             lines.append(f"skipped {_count(len(self.binary), 'binary file')}: {_first(list(self.binary), show)}")
         if self.unreadable:

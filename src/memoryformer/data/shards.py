@@ -169,18 +169,26 @@ def _leftovers(out: Path) -> tuple[list[Path], list[Path]]:
     return sorted(new), sorted(old, key=lambda p: p.stat().st_mtime)
 
 
-def clean_leftovers(out: str | os.PathLike) -> list[str]:
-    """Undo what a killed `prepare` into `out` left behind; returns one note per action.
-
-    A prepare killed between moving the previous data aside and moving the new data in leaves no
-    `out`: the previous data is moved back. Half-built temporaries are removed.
-    """
+def restore_moved_aside(out: str | os.PathLike) -> str | None:
+    """Move back the previous data that a `prepare` killed between its two renames left aside
+    (no `out`, a complete `.NAME.old-...tmp` sibling); returns a note, or None when nothing was done."""
     out = Path(out)
-    notes: list[str] = []
+    if out.exists():
+        return None
+    old = [p for p in _leftovers(out)[1] if (p / "meta.json").is_file()]
+    if not old:
+        return None
+    os.rename(old[-1], out)
+    return f"restored the previous data in {out}, which an interrupted prepare had moved aside"
+
+
+def clean_leftovers(out: str | os.PathLike) -> list[str]:
+    """Undo what a killed `prepare` into `out` left behind; returns one note per action: previous
+    data moved aside is moved back (`restore_moved_aside`), temporaries are removed."""
+    out = Path(out)
+    restored = restore_moved_aside(out)
+    notes = [restored] if restored else []
     new, old = _leftovers(out)
-    if not out.exists() and old and (old[-1] / "meta.json").is_file():
-        os.rename(old.pop(), out)
-        notes.append(f"restored the previous data in {out}, which an interrupted prepare had moved aside")
     stale = new + old
     if out.is_dir():
         stale += [p for p in out.iterdir() if _OLD_STYLE_TEMP.match(p.name)]
