@@ -359,11 +359,11 @@ def _sort_file(path: Path, texts: list[Path], jsonls: list[Path], report: Corpus
 
 
 def _file_source(path: Path, field: str, report: CorpusReport) -> Source:
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return JsonlFile(path, field)
     kind, why = classify_file(path)
     if kind == "unreadable":
         raise ValueError(f"cannot read {path}: {why}; pass a readable text file")
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return JsonlFile(path, field)
     if kind == "binary":
         raise ValueError(f"{path} does not look like a text file (binary content); pass text, jsonl "
                          "or a directory of them")
@@ -405,7 +405,7 @@ def _resolve_one(spec: str, jsonl_field: str, report: CorpusReport) -> list[Sour
             raise ValueError(f"directory {spec} contains no text files; point at a directory of "
                              ".txt/.md/.py/... or .jsonl files")
         return _tree_sources(spec, texts, jsonls, jsonl_field, report)
-    if path.is_file():
+    if path.exists():  # a file, or something else that exists (a FIFO, a device): say it cannot be read
         return [_file_source(path, jsonl_field, report)]
     if path.is_symlink():
         raise FileNotFoundError(f"{spec} is a broken symbolic link (to {os.readlink(path)}); pass an existing file")
