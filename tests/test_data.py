@@ -710,3 +710,25 @@ def test_fingerprint_names_what_changed(tmp_path, prepared):
     partial = {k: v for k, v in saved.items() if k not in ("shards", "tokenizer_sha256")}
     assert fingerprint_mismatch(partial, data_fingerprint(same_size)) is None
     assert "not readable" in fingerprint_mismatch({"train_tokens": 3}, data_fingerprint(path))
+
+
+def test_prepare_in_a_log_writes_timed_progress_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEMORYFORMER_PROGRESS_EVERY", "0")  # a line per update instead of every 30 s
+    write_docs(tmp_path / "c", make_docs(30))
+    prepare([str(tmp_path / "c")], tmp_path / "out", vocab_size=280, val_fraction=0.1)  # progress by default
+    err = capsys.readouterr().err  # not a terminal: lines, not a bar
+    total = sum(len(d.encode()) for d in make_docs(30))
+    assert f"reading text for the BPE: {total}/{total} bytes (100.0%)" in err
+    tokenising = [line for line in err.splitlines() if line.startswith("tokenising: ")]
+    assert tokenising and "tokens/s" in tokenising[-1] and "elapsed" in tokenising[-1]
+    prepare([str(tmp_path / "c")], tmp_path / "quiet", vocab_size=280, val_fraction=0.1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_prepare_into_the_working_directory(tmp_path, monkeypatch):
+    write_docs(tmp_path / "c", make_docs(10))
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    prepare([str(tmp_path / "c")], ".", vocab_size=280, val_fraction=0.2, progress=False)
+    assert sorted(os.listdir(tmp_path / "here")) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

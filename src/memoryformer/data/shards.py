@@ -295,7 +295,8 @@ def prepare(
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; "
                          "a held-out split is required")
     out = Path(out)
-    out = Path(os.path.realpath(out)) if out.is_symlink() else out
+    # absolute, so that the temporary sibling of "." or "data/" is beside it, not inside it
+    out = Path(os.path.realpath(out)) if out.is_symlink() else Path(os.path.abspath(out))
     for line in clean_leftovers(out):
         note(line)
     _check_out_dir(out, force)
