@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
 import random
 import sys
 import types
@@ -19,9 +22,12 @@ from memoryformer.data import (
     Corpus,
     TokenData,
     choose_dtype,
+    data_fingerprint,
     default_corpus,
     default_corpus_files,
+    embedded_corpus,
     eot_id,
+    fingerprint_mismatch,
     is_val_block,
     load_tokenizer,
     normalize_text,
@@ -31,6 +37,7 @@ from memoryformer.data import (
     train_bpe,
 )
 from memoryformer.data import corpus as corpus_module
+from memoryformer.data import fingerprint as fingerprint_module
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega the of and to in is that it for as with was on").split()
@@ -92,10 +99,16 @@ def test_normalisation_of_line_endings_and_bom(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_module, "READ_CHARS", 3)
     assert read_text_file(path) == "one\ntwo\nthree\nfour\n\nfive\n"
     assert "".join(corpus_module._normalized(["a\r", "\nb\r", "c"])) == "a\nb\nc"
-    # invalid UTF-8 is replaced, not fatal
+    # invalid UTF-8 is replaced, not fatal, and counted per file
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe end")
     assert read_text_file(bad) == "ok \ufffd\ufffd end"
+    report = corpus_module.CorpusReport()
+    assert "".join(corpus_module._read_chunks(bad, report)) == "ok \ufffd\ufffd end"
+    assert report.non_utf8 == {str(bad): 2}
+    (tmp_path / "literal.txt").write_text("a real \ufffd in UTF-8")  # a literal U+FFFD is not an error
+    assert "".join(corpus_module._read_chunks(tmp_path / "literal.txt", report)) == "a real \ufffd in UTF-8"
+    assert list(report.non_utf8) == [str(bad)]
 
 
 def test_prepare_normalises_text(tmp_path):
@@ -526,3 +539,196 @@ def test_resolve_sources_kinds(tmp_path):
     kinds = [type(s).__name__ for s in resolve_sources([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
                                                         "hf:owner/name", "owner/dataset"])]
     assert kinds == ["TextFiles", "JsonlFile", "HFDataset", "HFDataset"]
+
+
+# ---------------------------------------------------------------- file classification
+
+
+def test_classify_file(tmp_path):
+    classify = corpus_module.classify_file
+    (tmp_path / "latin1").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, d\u00e9j\u00e0 vu\n".encode("latin-1") * 20)
+    (tmp_path / "noise").write_bytes(random.Random(0).randbytes(4000).replace(b"\0", b"\1"))
+    (tmp_path / "nul.txt").write_bytes(b"text\0more")
+    (tmp_path / "model.pt").write_bytes(b"plain bytes")
+    (tmp_path / "utf8").write_text("\u00fcber na\u00efve \u2713\n" * 20)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    os.mkfifo(tmp_path / "pipe")
+    kinds = {name: classify(tmp_path / name) for name in
+             ("latin1", "noise", "nul.txt", "model.pt", "utf8", "dangling", "loop", "pipe")}
+    assert kinds["latin1"] == ("text", "") and kinds["utf8"] == ("text", "")  # 8-bit text is text
+    assert kinds["noise"] == kinds["nul.txt"] == kinds["model.pt"] == ("binary", "")
+    assert kinds["dangling"] == ("unreadable", "broken symbolic link")
+    assert kinds["loop"][0] == "unreadable" and "symbolic links" in kinds["loop"][1]
+    assert kinds["pipe"] == ("unreadable", "not a regular file")
+
+
+# ---------------------------------------------------------------- the python-site-packages corpus
+
+
+def fake_site_packages(root: Path) -> Path:
+    """Two distributions (with RECORDs), a file owned by none, a duplicate, a test suite, bytecode."""
+    site = root / "site-packages"
+    files = {
+        "zz_loose.py": "LOOSE = 1\n",
+        "pkga/__init__.py": "from pkga.core import f\n",
+        "pkga/core.py": "def f(x):\n    return x + 1\n",
+        "pkga/tests/test_core.py": "def test_f():\n    assert True\n",
+        "pkgb/helpers.py": "def f(x):\n    return x + 1\n",  # the same bytes as pkga/core.py
+        "pkgb/main.py": "import pkga\nprint(pkga.f(1))\n",
+        "pkgb/.hidden/secret.py": "X = 2\n",
+    }
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (site / "pkga" / "__pycache__").mkdir()
+    (site / "pkga" / "__pycache__" / "core.cpython-311.pyc").write_bytes(b"\0\1")
+    for name, version, owned in (("pkga", "1.2", ["pkga/__init__.py", "pkga/core.py", "pkga/tests/test_core.py"]),
+                                 ("pkgb", "0.3", ["pkgb/helpers.py", "pkgb/main.py"])):
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "RECORD").write_text("".join(f"{f},,\n" for f in owned) + f"{info.name}/RECORD,,\n")
+    return site
+
+
+def test_site_packages_corpus_on_a_fake_site(tmp_path):
+    site = fake_site_packages(tmp_path)
+    corpus = embedded_corpus("python-site-packages", site_dirs=[site], include_stdlib=False)
+    (part,) = corpus.sources
+    # sorted by relative path, the duplicate's later copy, tests, bytecode and hidden folders left out
+    assert [p.relative_to(site).as_posix() for p in part.paths] == \
+        ["pkga/__init__.py", "pkga/core.py", "pkgb/main.py", "zz_loose.py"]
+    assert part.duplicates == 1 and part.owners == ["pkga==1.2", "pkga==1.2", "pkgb==0.3", ""]
+    expected_lines = "".join(f"python-site-packages/{p.relative_to(site).as_posix()}\t"
+                             f"{hashlib.sha256(p.read_bytes()).hexdigest()}\n" for p in part.paths)
+    assert part.files_sha256() == hashlib.sha256(expected_lines.encode()).hexdigest()
+    assert list(corpus.documents()) == [p.read_text() for p in part.paths]  # each file one document
+
+    meta = prepare(corpus=corpus, out=tmp_path / "tokens", vocab_size=270, val_fraction=0.3, progress=False)
+    recorded = meta["corpus"]["parts"][0]
+    assert meta["corpus"]["python"] == platform.python_version()
+    assert recorded["files_sha256"] == part.files_sha256() and recorded["files"] == 4
+    assert recorded["packages"] == ["pkga==1.2", "pkgb==0.3"] and recorded["files_read"] == 4
+    assert recorded["files_read_without_package"] == 1 and recorded["duplicates_dropped"] == 1
+    assert meta["tokens"] == meta["train_tokens"] + meta["val_tokens"] == sum(
+        TokenData(tmp_path / "tokens").num_tokens(s) for s in ("train", "val"))
+    # the split is by document: each file lands whole in one split
+    data = TokenData(tmp_path / "tokens")
+    docs = split_documents(data, "train") + split_documents(data, "val")
+    assert sorted(docs) == sorted(p.read_text() for p in part.paths) and meta["val_documents"] >= 1
+
+    # with max_bytes only the files read count: the first two files are both pkga's
+    first_two = sum(len(p.read_bytes()) for p in part.paths[:2])
+    limited = embedded_corpus("python-site-packages", first_two, site_dirs=[site], include_stdlib=False)
+    meta = prepare(corpus=limited, out=tmp_path / "limited", vocab_size=270, val_fraction=0.3, progress=False)
+    assert meta["corpus"]["parts"][0]["packages"] == ["pkga==1.2"] and meta["corpus"]["parts"][0]["files_read"] == 2
+
+
+def test_embedded_corpus_names(tmp_path):
+    stdlib = Corpus.from_args(["embedded:python-stdlib"])
+    assert stdlib.sources[0].paths == default_corpus_files()
+    with pytest.raises(ValueError, match="unknown embedded corpus 'python-everything'.*python-site-packages"):
+        Corpus.from_args(["embedded:python-everything"])
+    with pytest.raises(FileNotFoundError, match="no Python sources found in the site-packages"):
+        embedded_corpus("python-site-packages", site_dirs=[tmp_path], include_stdlib=False)
+    # the site-packages part starts after the stdlib part, which is deduplicated against it
+    site = fake_site_packages(tmp_path)
+    (site / "pkgb" / "copy_of_os.py").write_bytes(Path(os.__file__).read_bytes())
+    parts = embedded_corpus("python-site-packages", site_dirs=[site]).sources
+    assert [type(p).__name__ for p in parts] == ["CodeFiles", "PydocTopics", "CodeFiles"]
+    assert all(p.name != "copy_of_os.py" for p in parts[2].paths)
+    assert len(set(parts[0].digests + parts[2].digests)) == len(parts[0].digests) + len(parts[2].digests)
+
+
+@pytest.mark.slow
+def test_site_packages_corpus_on_this_installation():
+    corpus = embedded_corpus("python-site-packages")
+    stdlib, _, site = corpus.sources
+    assert len(site.paths) > 1000 and any(o.startswith("torch==") for o in site.owners)
+    assert len(set(stdlib.digests + site.digests)) == len(stdlib.digests) + len(site.digests)
+    assert corpus.size_hint() > 50 * 2**20
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def test_ends_hash_against_a_plain_reference(tmp_path, monkeypatch):
+    monkeypatch.setattr(fingerprint_module, "END_BYTES", 1000)
+    rng = random.Random(1)
+    for size in (0, 10, 999, 1000, 1500, 2000, 2001, 7777):
+        data = rng.randbytes(size)
+        (tmp_path / "f").write_bytes(data)
+        reference = hashlib.sha256(size.to_bytes(8, "little") + data[:1000] + data[max(1000, size - 1000):])
+        assert fingerprint_module._ends_sha256(tmp_path / "f", size) == reference.hexdigest()
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_fingerprint_names_what_changed(tmp_path, prepared):
+    path, docs = prepared
+    saved = json.loads(json.dumps(data_fingerprint(path)))  # survives JSON (it goes into checkpoints)
+    assert fingerprint_mismatch(saved, data_fingerprint(path)) is None
+    assert fingerprint_mismatch(saved, data_fingerprint(copy_dir(path, tmp_path / "moved"))) is None
+    assert saved["train_tokens"] == TokenData(path).num_tokens("train") and saved["shards"]["train"]["sha256"]
+
+    # fewer documents, same tokenizer
+    write_docs(tmp_path / "fewer", docs[:25])
+    prepare([str(tmp_path / "fewer")], tmp_path / "fewer_tokens", tokenizer=path / "tokenizer.json",
+            val_fraction=0.1, progress=False)
+    problem = fingerprint_mismatch(saved, data_fingerprint(tmp_path / "fewer_tokens"))
+    old, new = saved["train_tokens"], TokenData(tmp_path / "fewer_tokens").num_tokens("train")
+    assert problem.startswith(f"the data in {(tmp_path / 'fewer_tokens').resolve()} changed since this run started: "
+                              f"training tokens {old:,} -> {new:,}; ")
+    assert "tokenizer" not in problem and "\n" not in problem
+
+    # same corpus, another tokenizer
+    prepare([str(path.parent / "corpus")], tmp_path / "retok", vocab_size=280, val_fraction=0.1, progress=False)
+    problem = fingerprint_mismatch(saved, data_fingerprint(tmp_path / "retok"))
+    assert "tokenizer differs" in problem and "training tokens" in problem
+
+    # same sizes, other bytes: a swapped token at the start of train.bin
+    same_size = copy_dir(path, tmp_path / "edited")
+    tokens = np.fromfile(same_size / "train.bin", dtype=np.uint16)
+    tokens[0] = (int(tokens[0]) + 1) % 256
+    tokens.tofile(same_size / "train.bin")
+    problem = fingerprint_mismatch(saved, data_fingerprint(same_size))
+    assert problem is not None and "train.bin contents differ (same size)" in problem
+    assert "val.bin" not in problem and "training tokens" not in problem
+
+    # another split seed: the counts change and the setting is named
+    prepare([str(path.parent / "corpus")], tmp_path / "seeded", tokenizer=path / "tokenizer.json",
+            val_fraction=0.1, seed=4, progress=False)
+    assert "split seed 0 -> 4" in fingerprint_mismatch(saved, data_fingerprint(tmp_path / "seeded"))
+
+    # an older fingerprint without some keys compares what it has; a broken one is said to be
+    partial = {k: v for k, v in saved.items() if k not in ("shards", "tokenizer_sha256")}
+    assert fingerprint_mismatch(partial, data_fingerprint(same_size)) is None
+    assert "not readable" in fingerprint_mismatch({"train_tokens": 3}, data_fingerprint(path))
+
+
+def test_prepare_in_a_log_writes_timed_progress_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEMORYFORMER_PROGRESS_EVERY", "0")  # a line per update instead of every 30 s
+    write_docs(tmp_path / "c", make_docs(30))
+    prepare([str(tmp_path / "c")], tmp_path / "out", vocab_size=280, val_fraction=0.1)  # progress by default
+    err = capsys.readouterr().err  # not a terminal: lines, not a bar
+    total = sum(len(d.encode()) for d in make_docs(30))
+    assert f"reading text for the BPE: {total}/{total} bytes (100.0%)" in err
+    tokenising = [line for line in err.splitlines() if line.startswith("tokenising: ")]
+    assert tokenising and "tokens/s" in tokenising[-1] and "elapsed" in tokenising[-1]
+    prepare([str(tmp_path / "c")], tmp_path / "quiet", vocab_size=280, val_fraction=0.1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_prepare_into_the_working_directory(tmp_path, monkeypatch):
+    write_docs(tmp_path / "c", make_docs(10))
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    prepare([str(tmp_path / "c")], ".", vocab_size=280, val_fraction=0.2, progress=False)
+    assert sorted(os.listdir(tmp_path / "here")) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -22,9 +22,14 @@ def byte_size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="*", metavar="DATA",
-                        help="text files, directories, glob patterns, .jsonl files or hf:NAME[:CONFIG][@SPLIT] "
-                             "(none: the embedded default corpus, Python's standard library sources)")
+                        help="text files, directories, glob patterns, .jsonl files, hf:NAME[:CONFIG][@SPLIT], or an "
+                             "embedded corpus: embedded:python-stdlib (the default when DATA is left out: Python's "
+                             "standard library sources) or embedded:python-site-packages (that plus the installed "
+                             "site-packages' .py sources, deduplicated; about 200 MB of code; see docs/data.md)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory for the token shards")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the prepared data already in --out (runs trained on it cannot resume); "
+                             "the new data replaces it only once complete")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="PATH_OR_NAME",
                      help="a tokenizers JSON file or Hugging Face tokenizer name (default: train a BPE)")
@@ -42,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-chars", type=int, default=16384, metavar="N",
                         help="documents are cut into blocks of at most N characters, the unit of the "
                              "validation split (default 16384)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress output (default: a bar on a terminal, timed lines in a log)")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         block_chars=args.block_chars,
         progress=False if args.no_progress else None,
+        force=args.force,
     )
     print(f"source:     {meta['source']}")
     print(f"documents:  {meta['documents']:,} ({meta['text_bytes']:,} bytes of text, {meta['blocks']:,} blocks)")
@@ -68,5 +75,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"val:        {meta['val_tokens']:,} tokens ({meta['val_blocks']:,} blocks)")
     print(f"tokenizer:  {meta['tokenizer_source']}: vocab {meta['vocab_size']:,}, end-of-text id {meta['eot_id']}")
     print(f"dtype:      {meta['dtype']}")
+    for part in (meta.get("corpus") or {}).get("parts", []):
+        print(f"{part['part'] + ':':<11} {part['files_read']:,} of {part['files']:,} files read, "
+              f"{len(part['packages']):,} packages, file list sha256 {part['files_sha256'][:16]}")
     print(f"written to: {args.out}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memoryformer.data.shards import DTYPES, FORMAT, FORMAT_VERSION, SPLITS
+from memoryformer.data.shards import DTYPES, FORMAT, FORMAT_VERSION, SPLITS, restore_moved_aside
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,6 +39,26 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} is not valid for world_size {world_size}; need 0 <= rank < world_size")
 
 
+def _check_meta_fields(meta: dict[str, Any], meta_file: Path) -> None:
+    """The fields readers rely on: present, of the right type, consistent with each other."""
+    missing = [k for k in ("dtype", "vocab_size", "eot_id", "train_tokens", "val_tokens") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_file} lacks {', '.join(missing)}; prepare the data again")
+    if meta["dtype"] not in DTYPES:
+        raise ValueError(f"{meta_file} has dtype {meta['dtype']!r}; expected uint16 or uint32")
+    for key in ("vocab_size", "eot_id", "train_tokens", "val_tokens"):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{meta_file}: {key} is {value!r}, not a non-negative integer; the file is "
+                             "damaged: prepare the data again")
+    if not 0 < meta["vocab_size"] <= DTYPES[meta["dtype"]]:
+        raise ValueError(f"{meta_file}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}; "
+                         "the file is damaged: prepare the data again")
+    if meta["eot_id"] >= meta["vocab_size"]:
+        raise ValueError(f"{meta_file}: eot_id {meta['eot_id']} is not below vocab_size {meta['vocab_size']}; "
+                         "the file is damaged: prepare the data again")
+
+
 class TokenData:
     """A prepared token directory (from `memoryformer prepare`), validated and memory-mapped.
 
@@ -51,26 +72,36 @@ class TokenData:
         self.dtype = np.dtype(self.meta["dtype"])
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.eot_id: int = int(self.meta["eot_id"])
-        self._tokens: dict[str, np.memmap] = {}
-        for split in SPLITS:
-            file = self.path / f"{split}.bin"
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is missing; the directory is incomplete: run `memoryformer "
-                                        f"prepare ... --out {self.path}` again")
-            expected = int(self.meta[f"{split}_tokens"]) * self.dtype.itemsize
-            actual = file.stat().st_size
-            if actual != expected:
-                raise ValueError(f"{file} holds {actual} bytes but meta.json says {self.meta[f'{split}_tokens']} "
-                                 f"{self.dtype.name} tokens ({expected} bytes); the data is damaged or mixed: "
-                                 "prepare it again")
-            if expected == 0:
-                raise ValueError(f"the {split} split in {self.path} is empty; prepare it again with more text")
-            self._tokens[split] = np.memmap(file, dtype=self.dtype, mode="r")
+        self.tokenizer_path = self.path / str(self.meta.get("tokenizer", "tokenizer.json"))
+        if not self.tokenizer_path.is_file():
+            raise FileNotFoundError(f"{self.tokenizer_path} is missing (the tokenizer of the prepared data); the "
+                                    f"directory is incomplete: run `memoryformer prepare ... --out {self.path} --force`")
+        self._tokens: dict[str, np.memmap] = {split: self._open_split(split) for split in SPLITS}
+
+    def _open_split(self, split: str) -> np.memmap:
+        """The split's file, checked against meta.json and memory-mapped."""
+        file = self.path / f"{split}.bin"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing; the directory is incomplete: run `memoryformer "
+                                    f"prepare ... --out {self.path} --force`")
+        count = self.meta[f"{split}_tokens"]
+        expected = count * self.dtype.itemsize
+        actual = file.stat().st_size
+        if actual != expected:
+            what = "truncated" if actual < expected else "longer than recorded"
+            raise ValueError(f"{file} holds {actual} bytes but meta.json says {count} {self.dtype.name} tokens "
+                             f"({expected} bytes): it is {what}, so the data is damaged or mixed: prepare it again")
+        if expected == 0:
+            raise ValueError(f"the {split} split in {self.path} is empty; prepare it again with more text")
+        return np.memmap(file, dtype=self.dtype, mode="r")
 
     def _read_meta(self) -> dict[str, Any]:
         if not self.path.exists():
-            raise FileNotFoundError(f"no prepared data at {self.path}; create it with `memoryformer prepare "
-                                    f"[DATA ...] --out {self.path}`")
+            restored = restore_moved_aside(self.path)
+            if restored is None:
+                raise FileNotFoundError(f"no prepared data at {self.path}; create it with `memoryformer prepare "
+                                        f"[DATA ...] --out {self.path}`")
+            print(f"note: {restored}", file=sys.stderr)
         if not self.path.is_dir():
             raise ValueError(f"{self.path} is a file, not a prepared data directory; pass the directory "
                              "written by `memoryformer prepare --out DIR`")
@@ -80,7 +111,7 @@ class TokenData:
                                     f"directory; run `memoryformer prepare [DATA ...] --out {self.path}`")
         try:
             meta = json.loads(meta_file.read_text())
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise ValueError(f"{meta_file} is not valid JSON ({err}); prepare the data again") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{self.path} is not a memoryformer token directory (meta.json has no "
@@ -88,12 +119,23 @@ class TokenData:
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file} has format version {meta.get('version')}, this code reads version "
                              f"{FORMAT_VERSION}; prepare the data again")
-        missing = [k for k in ("dtype", "vocab_size", "eot_id", "train_tokens", "val_tokens") if k not in meta]
-        if missing:
-            raise ValueError(f"{meta_file} lacks {', '.join(missing)}; prepare the data again")
-        if meta["dtype"] not in DTYPES:
-            raise ValueError(f"{meta_file} has dtype {meta['dtype']!r}; expected uint16 or uint32")
+        _check_meta_fields(meta, meta_file)
         return meta
+
+    def verify(self) -> None:
+        """Hash both splits in full against the sha256 that `prepare` recorded (a slow, complete check
+        of what the size checks at opening cannot see); errors name the damaged file."""
+        for split in SPLITS:
+            recorded = self.meta.get(f"{split}_sha256")
+            if recorded is None:
+                continue  # prepared before hashes were recorded
+            file = self.path / f"{split}.bin"
+            with open(file, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                    else hashlib.sha256(f.read()).hexdigest()
+            if digest != recorded:
+                raise ValueError(f"{file} does not match the sha256 in meta.json (its bytes changed after "
+                                 "prepare); the data is damaged: prepare it again")
 
     def __repr__(self) -> str:
         return (f"TokenData({str(self.path)!r}, vocab_size={self.vocab_size}, dtype={self.dtype.name}, "
@@ -110,9 +152,9 @@ class TokenData:
 
     def tokenizer(self):
         """The `tokenizers.Tokenizer` the data was made with."""
-        from tokenizers import Tokenizer
+        from memoryformer.data.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(str(self.path / self.meta.get("tokenizer", "tokenizer.json")))
+        return load_tokenizer(self.tokenizer_path)
 
     def check_seq_len(self, split: str, seq_len: int) -> None:
         """Error unless the split holds at least one window of seq_len + 1 tokens."""
