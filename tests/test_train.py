@@ -13,7 +13,7 @@ from tiny_data import make_data
 from memoryformer.core.config import ModelConfig
 from memoryformer.core.model import LanguageModel
 from memoryformer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from memoryformer.train.loop import (
+from memoryformer.train import (
     TrainConfig,
     WarmupCosine,
     build_optimizer,
@@ -194,7 +194,7 @@ def test_run_directory_and_logs(data_dir, tmp_path):
 def test_validation_loss_is_the_full_split_mean(data_dir, tmp_path):
     """eval_batches=None scores every non-overlapping val window: compare with a direct computation."""
     from memoryformer.data import TokenData
-    from memoryformer.train.loop import validation_loss
+    from memoryformer.train import validation_loss
 
     torch.manual_seed(0)
     model = LanguageModel(tiny_model())
@@ -270,7 +270,7 @@ def test_cli_train_and_resume(data_dir, tmp_path, capsys):
 
 
 def test_cli_out_of_memory_message(monkeypatch, tmp_path, data_dir, capsys):
-    import memoryformer.train.loop as train_module
+    import memoryformer.train as train_module
     from memoryformer.cli import main
 
     def boom(*args, **kwargs):
