@@ -13,9 +13,9 @@ import torch
 from tiny_data import make_data
 
 from memoryformer.core.config import ModelConfig
+from memoryformer.train import TrainConfig, train
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import distributed as D
-from memoryformer.train import TrainConfig, train
 
 WORKER = textwrap.dedent('''
     import json, os, sys

@@ -12,7 +12,6 @@ from tiny_data import make_data
 
 from memoryformer.core.config import ModelConfig
 from memoryformer.core.model import LanguageModel
-from memoryformer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from memoryformer.train import (
     TrainConfig,
     WarmupCosine,
@@ -23,6 +22,7 @@ from memoryformer.train import (
     paper_lr,
     train,
 )
+from memoryformer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 
 @pytest.fixture(scope="module")

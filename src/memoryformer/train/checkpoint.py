@@ -386,14 +386,15 @@ def _weights_config(path: Path, metadata: dict[str, str]) -> ModelConfig:
 
 
 def _weights_step(path: Path) -> int | None:
-    """The step recorded in a safetensors file's metadata (None when absent or unreadable)."""
+    """The step recorded in a safetensors file's metadata (None when absent); CheckpointError when
+    the file cannot be read."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             step = (f.metadata() or {}).get("step")
-    except (SafetensorError, OSError, ValueError):
-        return None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is truncated or is not a safetensors file ({str(err)[:200]})") from None
     return int(step) if step is not None and str(step).isdigit() else None
 
 
@@ -431,9 +432,11 @@ def _load_from_run_dir(run_dir: Path, device: str | torch.device):
     to the next one, saying so (one line on stderr)."""
     found = [path for _, path in reversed(list_checkpoints(run_dir))]
     weights = run_dir / WEIGHTS_FILE
-    if weights.is_file() and (not found or (_weights_step(weights) or 0) >= _step_of(found[0])):
+    if weights.is_file():
         try:
-            return _load_safetensors(weights, device), weights
+            step = _weights_step(weights)
+            if not found or (step or 0) >= _step_of(found[0]):
+                return _load_safetensors(weights, device), weights
         except CheckpointError as err:
             if not found:
                 raise

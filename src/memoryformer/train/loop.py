@@ -264,10 +264,11 @@ class Trainer:
             return
         bad = [(interval.first_step + i, v) for i, v in enumerate(interval.losses) if not math.isfinite(v)]
         if bad and self.precision != "fp16":
+            step, value = bad[0]
             last = f"the last checkpoint is {self.result.checkpoint}" if self.result.checkpoint else "no checkpoint"
-            raise FloatingPointError(f"the training loss became {bad[0][1]} at step {bad[0][0]} (lr "
-                                     f"{interval.lrs[bad[0][0] - interval.first_step]:.3g}); lower the learning "
-                                     f"rate (--lr) or train in fp32/bf16; {last}")
+            raise FloatingPointError(f"the training loss became {value} at step {step} (lr "
+                                     f"{interval.lrs[step - interval.first_step]:.3g}); lower the peak learning "
+                                     f"rate (--lr, now {self.tc.lr:g}); {last}")
         r = self.result
         r.losses += interval.losses
         r.lrs += interval.lrs
