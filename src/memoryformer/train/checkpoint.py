@@ -11,6 +11,7 @@ A run directory (`--out DIR`) describes itself:
     DIR/tb/                    TensorBoard events (when enabled)
     DIR/checkpoints/step_00000100.pt   the last `keep_last` checkpoints
     DIR/model.safetensors      final weights (written at the end of training)
+    DIR/.lock                  the pid of the process training into DIR (lock.py)
 
 A checkpoint is one `torch.save` zip file holding a dict: format, version, step, model (full
 state dict), optimizer (full, keyed by parameter name), scheduler, scaler, sampler, rng (one
