@@ -71,6 +71,13 @@ def start(data_dir, out, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def run_to_end(data_dir, out, *extra: str) -> None:
+    """A whole `memoryformer train` in a subprocess (the same code path as the killed runs)."""
+    proc = start(data_dir, out, *extra)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -91,7 +98,7 @@ def logged_steps(out: Path) -> int:
 def straight(data_dir, tmp_path_factory):
     """The uninterrupted 24-step run the killed-and-resumed runs must reproduce."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    assert main(run_args(data_dir, out, "--max-steps", "24", "--ckpt-every", "1")) == 0
+    run_to_end(data_dir, out, "--max-steps", "24", "--ckpt-every", "1")
     return ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
 
 
@@ -113,7 +120,7 @@ def kill_and_resume(data_dir, out: Path, seed: int, straight) -> None:
             proc.kill()
     for _, path in ckpt.list_checkpoints(out):
         ckpt.load_checkpoint(path)  # every file under a checkpoint's name is complete
-    assert main(run_args(data_dir, out, "--max-steps", "24", "--ckpt-every", "1", "--resume", "auto")) == 0
+    run_to_end(data_dir, out, "--max-steps", "24", "--ckpt-every", "1", "--resume", "auto")
     after = digests(out)
     assert {name: after[name] for name in before} == before  # nothing that existed changed
     assert temporaries(out) == []
