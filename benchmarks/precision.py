@@ -45,7 +45,7 @@ COLUMNS = [
 def train_default(work: Path, steps: int, batch_size: int, data_dir: Path | None) -> tuple[Path, Path]:
     """Train mf-demo briefly on the embedded default corpus (demo.py's data and learning rate)."""
     from memoryformer.research.demo import DemoSettings, prepare_default_data
-    from memoryformer.train.loop import TrainConfig, train
+    from memoryformer.train import TrainConfig, train
 
     settings = DemoSettings(out=str(work))
     data_dir = data_dir or prepare_default_data(settings)

@@ -149,7 +149,7 @@ def test_usage_hook_in_training(tmp_path):
 
     from memoryformer.data import TokenData, prepare
     from memoryformer.research.analysis import usage_hook
-    from memoryformer.train.loop import TrainConfig, train
+    from memoryformer.train import TrainConfig, train
 
     src = tmp_path / "corpus"
     src.mkdir()

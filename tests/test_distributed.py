@@ -13,15 +13,15 @@ import torch
 from tiny_data import make_data
 
 from memoryformer.core.config import ModelConfig
+from memoryformer.train import TrainConfig, train
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import distributed as D
-from memoryformer.train.loop import TrainConfig, train
 
 WORKER = textwrap.dedent('''
     import json, os, sys
     import torch.distributed as dist
     from memoryformer.core.config import ModelConfig
-    from memoryformer.train.loop import TrainConfig, train
+    from memoryformer.train import TrainConfig, train
 
     data, out = sys.argv[1], sys.argv[2]
     cfg = ModelConfig.from_preset("mf-test", vocab_size=300)
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
     # the whole validation split (221 windows of 16 today), 5 a batch: rank 0 runs 23 forwards, rank 1 22 + 1 padding
     from memoryformer.train import distributed as D
     from memoryformer.data import TokenData
-    from memoryformer.train.loop import validation_loss
+    from memoryformer.train import validation_loss
     full = validation_loss(fsdp_b.model, TokenData(data), 16, batch_size=5, env=D.init_distributed("cpu"),
                            sharded=True)
     report = {"ddp": ddp.to_dict(), "fsdp_a": fsdp_a.to_dict(), "fsdp_b": fsdp_b.to_dict(), "full_val": full,
@@ -98,7 +98,7 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
         assert [e["val_loss"] for e in fsdp_b["evals"]] == pytest.approx([e["val_loss"] for e in one.evals], abs=1e-5)
     assert one.losses[-1] < one.losses[0] - 0.2
     from memoryformer.data import TokenData
-    from memoryformer.train.loop import validation_loss
+    from memoryformer.train import validation_loss
 
     full = validation_loss(one.model, TokenData(data), 16, batch_size=5)
     assert full["tokens"] == TokenData(data).num_eval_windows("val", 16) * 16

@@ -186,12 +186,12 @@ def test_runner_trains_caches_and_reports(tmp_path, corpus, monkeypatch):
     assert (results / "gelu.png").stat().st_size > 5_000
 
     # a second run reuses the finished arms (no training), and the usage experiment reuses the reference
-    import memoryformer.train.loop
+    import memoryformer.train
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached arm was trained again")
 
-    monkeypatch.setattr(memoryformer.train.loop, "train", no_training)
+    monkeypatch.setattr(memoryformer.train, "train", no_training)
     again = run_experiment("gelu", s)
     assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in rows]
     usage = run_experiment("usage", s)
@@ -238,7 +238,7 @@ def test_full_scale_configs_are_the_papers_runs():
     from pathlib import Path
 
     from memoryformer.core.config import PAPER_PAIRS
-    from memoryformer.train.loop import TrainConfig
+    from memoryformer.train import TrainConfig
 
     root = Path(__file__).resolve().parents[1] / "experiments" / "full_scale"
     pairs = json.loads((root / "pairs.json").read_text())

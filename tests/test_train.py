@@ -12,8 +12,7 @@ from tiny_data import make_data
 
 from memoryformer.core.config import ModelConfig
 from memoryformer.core.model import LanguageModel
-from memoryformer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from memoryformer.train.loop import (
+from memoryformer.train import (
     TrainConfig,
     WarmupCosine,
     build_optimizer,
@@ -23,6 +22,7 @@ from memoryformer.train.loop import (
     paper_lr,
     train,
 )
+from memoryformer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_run_directory_and_logs(data_dir, tmp_path):
 def test_validation_loss_is_the_full_split_mean(data_dir, tmp_path):
     """eval_batches=None scores every non-overlapping val window: compare with a direct computation."""
     from memoryformer.data import TokenData
-    from memoryformer.train.loop import validation_loss
+    from memoryformer.train import validation_loss
 
     torch.manual_seed(0)
     model = LanguageModel(tiny_model())
@@ -270,7 +270,7 @@ def test_cli_train_and_resume(data_dir, tmp_path, capsys):
 
 
 def test_cli_out_of_memory_message(monkeypatch, tmp_path, data_dir, capsys):
-    import memoryformer.train.loop as train_module
+    import memoryformer.train as train_module
     from memoryformer.cli import main
 
     def boom(*args, **kwargs):
@@ -317,3 +317,41 @@ def test_cli_config_file(data_dir, tmp_path):
                  "--no-progress"]) == 0
     assert ModelConfig.from_json(out / "config.json").architecture == "pythia"
     assert TrainConfig.from_json(out / "train_config.json").batch_size == 2
+
+
+def test_wall_clock_checkpoints(data_dir, tmp_path):
+    """ckpt_every_minutes saves whenever that much wall clock passed since the last save, besides ckpt_every."""
+    cfg = tiny_model()
+    tc = tiny_train(max_steps=4, eval_every=0, ckpt_every=0, ckpt_every_minutes=1e-9)  # due after every step
+    train(cfg, tc, data_dir, tmp_path / "clock", progress=False, verbose=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "clock")] == [1, 2, 3, 4]
+    train(cfg, tc.replace(ckpt_every_minutes=0), data_dir, tmp_path / "off", progress=False, verbose=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "off")] == [4]  # 0: off; the end always saves
+    assert TrainConfig().ckpt_every_minutes == 30
+    with pytest.raises(ValueError, match="ckpt_every_minutes must be >= 0"):
+        TrainConfig(ckpt_every_minutes=-1)
+
+
+def test_progress_lines_in_a_log(data_dir, tmp_path, capsys, monkeypatch):
+    """Output that is not a terminal gets timed progress lines with tokens/s and ETA."""
+    monkeypatch.setenv("MEMORYFORMER_PROGRESS_EVERY", "0")  # a line per update
+    train(tiny_model(), tiny_train(max_steps=4, eval_every=0), data_dir, tmp_path / "p", progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert any(line.startswith("train: 2/4 steps (50.0%)") and "tokens/s" in line and "ETA" in line
+               for line in lines), lines
+    assert any("loss " in line for line in lines)
+
+
+def test_decay_rule_matches_the_module_rule():
+    """p.dim() >= 2 gives the same groups as 'no decay on biases and norm-module parameters'."""
+    from memoryformer.core.model import RMSNorm
+
+    norms = (torch.nn.LayerNorm, RMSNorm)
+    for arch in ("mf-test", "pythia-test"):
+        model = LanguageModel(tiny_model(arch))
+        by_module = {f"{m_name}.{p_name}" if m_name else p_name
+                     for m_name, module in model.named_modules()
+                     for p_name, _ in module.named_parameters(recurse=False)
+                     if isinstance(module, norms) or p_name == "bias"}
+        decay, no_decay = decay_split(model)
+        assert set(no_decay) == by_module and not set(decay) & by_module and no_decay, arch

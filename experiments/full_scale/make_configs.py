@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from memoryformer.core.config import ModelConfig
-from memoryformer.train.loop import PAPER_LR, TrainConfig
+from memoryformer.train import PAPER_LR, TrainConfig
 
 HERE = Path(__file__).resolve().parent
 GLOBAL_BATCH = 1024  # sequences per optimizer step

@@ -8,17 +8,19 @@
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memoryformer.train import TrainConfig
 
 # CLI flag -> TrainConfig field, for the settings the command line can override
 _OVERRIDES = {
     "max_steps": "max_steps", "lr": "lr", "batch_size": "batch_size", "seq_len": "seq_len",
     "grad_accum": "grad_accum", "device": "device", "precision": "precision", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "ckpt_every": "ckpt_every", "keep_last": "keep_last", "log_every": "log_every",
-    "warmup_steps": "warmup_steps", "seed": "seed", "wandb": "wandb",
+    "warmup_steps": "warmup_steps", "seed": "seed", "wandb": "wandb", "ckpt_every_minutes": "ckpt_every_minutes",
 }
 
 
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, metavar="N", help="validate every N steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, metavar="N", help="validation batches per evaluation (0: the whole split)")
     g.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--ckpt-every-minutes", type=float, metavar="M",
+                   help="also checkpoint when M minutes of wall clock passed since the last one (default 30; 0: off)")
     g.add_argument("--keep-last", type=int, metavar="N", help="checkpoints to keep (0: all)")
     g.add_argument("--log-every", type=int, metavar="N")
     g.add_argument("--seed", type=int)
@@ -65,30 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
 
 
-def _read_json(path: str, what: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{what} {file} does not exist")
-    try:
-        data = json.loads(file.read_text())
-    except ValueError as err:
-        raise ValueError(f"{what} {file} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {file} must hold a JSON object")
-    return data
-
-
 def _configs(args: argparse.Namespace):
     """(ModelConfig, TrainConfig, data dir) from the flags, the files they name and, on resume, the run."""
     from memoryformer.core.config import ModelConfig
-    from memoryformer.train.checkpoint import CONFIG_FILE, read_run_info
-    from memoryformer.train.loop import TrainConfig
+    from memoryformer.train.checkpoint import CONFIG_FILE, read_json_file, read_model_config, read_run_info
 
     out = Path(args.out)
     resuming = args.resume is True or (args.resume == "auto" and (out / CONFIG_FILE).is_file())
     train_data: dict = {}
     if args.config:
-        data = _read_json(args.config, "--config")
+        data = read_json_file(args.config, "--config")
         if "model" in data:
             train_data = data.get("train", {})
             data = data["model"]
@@ -96,7 +86,7 @@ def _configs(args: argparse.Namespace):
     elif args.preset:
         model_config = ModelConfig.from_preset(args.preset)
     elif resuming and (out / CONFIG_FILE).is_file():
-        model_config = ModelConfig.from_json(out / CONFIG_FILE)
+        model_config = read_model_config(out / CONFIG_FILE, "the run's model config")
     elif resuming:
         raise FileNotFoundError(f"cannot resume: {out / CONFIG_FILE} does not exist; is {out} a training run?")
     else:
@@ -106,10 +96,10 @@ def _configs(args: argparse.Namespace):
         model_config.validate()
 
     if args.train_config:
-        train_data = _read_json(args.train_config, "--train-config")
+        train_data = read_json_file(args.train_config, "--train-config")
     elif resuming and (out / "train_config.json").is_file() and not train_data:
-        train_data = _read_json(str(out / "train_config.json"), "the run's train config")
-    train_config = TrainConfig.from_dict(train_data)
+        train_data = read_json_file(out / "train_config.json", "the run's train config")
+    train_config = _train_config(train_data, args.train_config or (out / "train_config.json" if resuming else None))
     changes = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
     if args.eval_batches == 0:
         changes["eval_batches"] = None
@@ -132,6 +122,17 @@ def _configs(args: argparse.Namespace):
     return model_config, train_config, data_dir
 
 
+def _train_config(data: dict, source: Path | str | None) -> TrainConfig:
+    """TrainConfig from a dict read from `source` (named in the error when it is not valid)."""
+    from memoryformer.train import TrainConfig
+
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        where = f" in {source}" if source else ""
+        raise ValueError(f"the train config{where} is not valid: {err}") from None
+
+
 def _is_oom(err: BaseException) -> bool:
     import torch
 
@@ -141,23 +142,32 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def _error(args: argparse.Namespace, message: str) -> int:
+    """Print one error line (or re-raise with --traceback); exit code 1."""
+    if args.traceback:
+        raise
+    print(f"memoryformer train: error: {message}", file=sys.stderr)
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.train.loop import train
+    from memoryformer.train import train
+    from memoryformer.train.signals import exit_code
 
     model_config, train_config, data_dir = _configs(args)
     try:
         result = train(model_config, train_config, data_dir, args.out, resume=args.resume,
                        progress=not args.no_progress)
+    except FloatingPointError as err:  # the loss diverged: the message names the step and the fix
+        return _error(args, str(err))
+    except OSError as err:  # a full disk, a read-only or missing folder: one line naming the file
+        if err.strerror is None:
+            return _error(args, str(err))
+        return _error(args, f"{err.strerror}: {err.filename}" if err.filename else err.strerror)
     except (RuntimeError, MemoryError) as err:
         if not _is_oom(err) and not isinstance(err, MemoryError):
             raise
-        if args.traceback:
-            raise
-        print(f"memoryformer train: error: out of memory ({str(err).splitlines()[0][:160]}); lower --batch-size "
-              "(keep the global batch with --grad-accum), shorten --seq-len, or shard the model over GPUs with "
-              "torchrun ... --fsdp", file=sys.stderr)
-        return 1
-    if result.interrupted:
-        signum = getattr(signal, result.interrupted, None) if result.interrupted.startswith("SIG") else None
-        return 128 + int(signum) if signum is not None else 1
-    return 0
+        return _error(args, f"out of memory ({str(err).splitlines()[0][:160]}); lower --batch-size (keep the "
+                      "global batch with --grad-accum), shorten --seq-len, or shard the model over GPUs with "
+                      "torchrun ... --fsdp")
+    return exit_code(result.interrupted) if result.interrupted else 0

@@ -227,7 +227,7 @@ def usage_metrics(counts: Mapping[str, Tensor]) -> dict[str, float]:
 
 def usage_hook(data, seq_len: int, windows: int = 32, split: str = "val",
                batch_size: int = 16) -> Callable[[nn.Module, int], dict[str, float]]:
-    """An `on_eval` callback for memoryformer.train.loop.train: bucket usage (usage_metrics) on the
+    """An `on_eval` callback for memoryformer.train.train: bucket usage (usage_metrics) on the
     first `windows` windows of `split`, the same tokens at every evaluation. A model without
     Memory Layers gets {}."""
     batches = data_windows(data, split, seq_len, windows, batch_size)

@@ -95,7 +95,7 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from memoryformer.data import TokenData
     from memoryformer.research.flops import forward_flops_per_token
-    from memoryformer.train.loop import TrainConfig, train
+    from memoryformer.train import TrainConfig, train
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,23 +11,28 @@ A run directory (`--out DIR`) describes itself:
     DIR/tb/                    TensorBoard events (when enabled)
     DIR/checkpoints/step_00000100.pt   the last `keep_last` checkpoints
     DIR/model.safetensors      final weights (written at the end of training)
+    DIR/.lock                  the pid of the process training into DIR (lock.py)
 
 A checkpoint is one `torch.save` zip file holding a dict: format, version, step, model (full
 state dict), optimizer (full, keyed by parameter name), scheduler, scaler, sampler, rng (one
 entry per rank), model_config, train_config, history, world_size, torch_version. It is written
-to a temporary file in the same directory and renamed over the final name, so a crash never
-leaves a partial checkpoint under a checkpoint's name. On load, the zip's CRC-32 of every record
-is checked, so a truncated or corrupt file is an error, never a silent fresh start.
+to a temporary file in the same directory, fsynced and renamed over the final name (files.py), so a
+crash never leaves a partial checkpoint under a checkpoint's name. On load, the zip's CRC-32 of every
+record is checked and the file is read with `weights_only=True` (no pickled code ever runs), so a
+truncated, corrupt or foreign file is an error naming the file, never a silent fresh start; a run
+falls back to its newest readable checkpoint and says which ones it passed over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
-import shutil
+import sys
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,10 @@ import numpy as np
 import torch
 
 from memoryformer.core.config import ModelConfig
+from memoryformer.train import files
+from memoryformer.train.files import atomic_write_text
+
+__all__ = ["atomic_write_text"]  # re-exported: run files are written through it
 
 FORMAT = "memoryformer-checkpoint"
 VERSION = 1
@@ -43,6 +52,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+# what a checkpoint must hold to resume training from it (load_checkpoint checks step, model, model_config)
+RESUME_KEYS = ("optimizer", "scheduler", "sampler")
 
 
 class CheckpointError(ValueError):
@@ -86,60 +97,21 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> list
     return doomed
 
 
-def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
-    """Delete temporary files left by a write that was killed (they never carry a checkpoint's name)."""
-    folder = Path(out_dir) / CHECKPOINT_DIR
-    if folder.is_dir():
-        for path in folder.glob(".*.tmp-*"):
-            path.unlink(missing_ok=True)
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that killed writes left in a run directory and its checkpoints folder
+    (they never carry a real file's name). Only while holding the run's lock."""
+    return files.remove_stale_temporaries(out_dir, Path(out_dir) / CHECKPOINT_DIR)
 
 
 # ---- atomic writes ------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save(obj) to a temporary file next to `path`, fsync, then rename over `path`.
 
-    If anything fails, the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    If anything fails, the temporary file is removed and `path` is untouched; a full disk raises
+    files.DiskFullError naming `path`."""
+    return files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---- RNG states ---------------------------------------------------------------------------------
@@ -194,38 +166,34 @@ def verify_checkpoint_file(path: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted; delete it "
-                              "to resume from the previous checkpoint")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write was cut short")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except zipfile.BadZipFile as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or is not a checkpoint at all ({err}); if it "
-                              "is a memoryformer checkpoint, delete it to resume from the previous one") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or is not a checkpoint at all ({err})") from None
     except (OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err}); delete it to resume from "
-                              "the previous checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err})") from None
     if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC-32 check; delete "
-                              "it to resume from the previous checkpoint")
+        raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC-32 check")
 
 
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, mmap: bool = True) -> dict[str, Any]:
-    """Load and validate a checkpoint written by save_checkpoint; tensors land on the CPU.
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    """The one-line error for a file torch.load refused (never torch's advice to load it unsafely)."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" (it references {found.group(1)})" if found else ""
+        return CheckpointError(f"{path} is not a memoryformer checkpoint: it holds pickled objects other than "
+                               f"tensors and plain containers{what}, and was not loaded because loading it could "
+                               "run arbitrary code")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return CheckpointError(f"{path} cannot be read as a memoryformer checkpoint ({type(err).__name__}: "
+                           f"{first[:300]})")
 
-    Raises CheckpointError for a truncated, corrupt or foreign file, FileNotFoundError if missing."""
-    path = Path(path)
-    if verify:
-        verify_checkpoint_file(path)
-    elif not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # torch raises RuntimeError / UnpicklingError / others for bad files
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = next((line for line in lines if "error:" in line.lower()), lines[0] if lines else "")
-        raise CheckpointError(f"{path} cannot be read as a memoryformer checkpoint ({type(err).__name__}: "
-                              f"{detail[:300]})") from None
+
+def _check_contents(path: Path, state: Any) -> None:
+    """Error unless a loaded object has the format, version and fields of a checkpoint."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a memoryformer checkpoint (no format={FORMAT!r} in it); pass a "
                               f"file from a run's {CHECKPOINT_DIR}/ folder or the run directory")
@@ -235,7 +203,55 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, mmap: bool 
     missing = [k for k in ("step", "model", "model_config") if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is not a complete checkpoint")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"{path} has step {state['step']!r}; a checkpoint's step is a whole number >= 0")
+    model = state["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors")
+    try:
+        ModelConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model config is not valid ({err})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, mmap: bool = True) -> dict[str, Any]:
+    """Load and validate a checkpoint written by save_checkpoint; tensors land on the CPU.
+
+    Raises CheckpointError for a truncated, corrupt or foreign file, FileNotFoundError if missing.
+    The file is read with weights_only=True: a pickle that would run code is refused, not run."""
+    path = Path(path)
+    if verify:
+        verify_checkpoint_file(path)
+    elif not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises RuntimeError / UnpicklingError / others for bad files
+        raise _unreadable(path, err) from None
+    _check_contents(path, state)
     return state
+
+
+def load_newest_valid(candidates: Iterable[Path], say: Callable[[str], None], *,
+                      need: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """(path, state) of the first readable checkpoint of `candidates` (newest first), saying in one
+    line which damaged ones it passed over. Raises the newest one's error when none is readable."""
+    errors: list[CheckpointError] = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            missing = [k for k in need if k not in state]
+            if missing:
+                raise CheckpointError(f"{path} lacks {', '.join(missing)}, so training cannot resume from it")
+        except CheckpointError as err:
+            errors.append(err)
+            continue
+        if errors:
+            say(f"warning: {len(errors)} newer checkpoint(s) are unusable ({errors[0]}); falling back to {path}")
+        return path, state
+    if not errors:
+        raise FileNotFoundError("no checkpoint to load")
+    raise errors[0]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -262,9 +278,32 @@ def run_dir_of(path: Path) -> Path:
     return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
 
 
+def read_json_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON object from a file, or one error line naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); the file is damaged or is not {what}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def read_model_config(path: str | os.PathLike, what: str = "the model config") -> ModelConfig:
+    """A ModelConfig from a JSON file, with errors that name the file."""
+    data = read_json_file(path, what)
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} {path} is not a valid ModelConfig: {err}") from None
+
+
 def write_run_files(out_dir: str | os.PathLike, model_config: ModelConfig, train_config_json: str,
                     data_dir: str | os.PathLike | None, extra: dict[str, Any] | None = None) -> None:
-    """config.json, train_config.json, tokenizer.json (copied from data_dir) and run.json."""
+    """config.json, train_config.json, tokenizer.json (copied from data_dir) and run.json, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, model_config.to_json() + "\n")
@@ -275,19 +314,18 @@ def write_run_files(out_dir: str | os.PathLike, model_config: ModelConfig, train
         info["data_dir"] = str(data.resolve())
         meta_file = data / "meta.json"
         if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
+            meta = read_json_file(meta_file, "the data directory's meta.json")
             info["data_meta"] = meta
             tok = data / str(meta.get("tokenizer", TOKENIZER_FILE))
             if tok.is_file():
-                tmp = out / f".{TOKENIZER_FILE}.tmp"
-                shutil.copyfile(tok, tmp)
-                os.replace(tmp, out / TOKENIZER_FILE)
+                files.atomic_copy(tok, out / TOKENIZER_FILE)
     atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
 def read_run_info(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's run.json ({} when there is none)."""
     file = Path(out_dir) / "run.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_json_file(file, "the run's run.json") if file.is_file() else {}
 
 
 # ---- final weights (safetensors) and loading a model --------------------------------------------
@@ -295,9 +333,9 @@ def read_run_info(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def save_model_weights(model_or_state: torch.nn.Module | dict[str, torch.Tensor], path: str | os.PathLike,
                        config: ModelConfig | None = None, *, step: int | None = None) -> Path:
-    """Write weights as safetensors (atomically). A tied head is stored once (as embed.weight).
-
-    The file's metadata holds the ModelConfig JSON and the step, so it also loads without config.json."""
+    """Write weights as safetensors (atomically, with the umask's file mode). A tied head is stored
+    once (as embed.weight). The file's metadata holds the ModelConfig JSON and the step, so it also
+    loads without config.json."""
     from safetensors.torch import save_file
 
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
@@ -318,46 +356,56 @@ def save_model_weights(model_or_state: torch.nn.Module | dict[str, torch.Tensor]
         metadata["memoryformer_config"] = config.to_json()
     if step is not None:
         metadata["step"] = str(step)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return files.atomic_write_by_name(path, lambda name: save_file(tensors, name, metadata=metadata))
 
 
-def _weights_step(path: Path) -> int | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        step = (f.metadata() or {}).get("step")
-    return int(step) if step is not None else None
-
-
-def _load_safetensors(path: Path, device: str | torch.device):
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, or CheckpointError naming it."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from memoryformer.core.model import LanguageModel
-
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): its write was cut short")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+        return metadata, load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is truncated or is not a safetensors file ({str(err)[:200]})") from None
+
+
+def _weights_config(path: Path, metadata: dict[str, str]) -> ModelConfig:
     config_file = path.parent / CONFIG_FILE
     if "memoryformer_config" in metadata:
-        config = ModelConfig.from_json(metadata["memoryformer_config"])
-    elif config_file.is_file():
-        config = ModelConfig.from_json(config_file)
-    else:
-        raise FileNotFoundError(f"{path} carries no model config and there is no {config_file}")
+        try:
+            return ModelConfig.from_json(metadata["memoryformer_config"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path} carries a damaged model config in its metadata ({err})") from None
+    if config_file.is_file():
+        return read_model_config(config_file, "the run's model config")
+    raise FileNotFoundError(f"{path} carries no model config and there is no {config_file}")
+
+
+def _weights_step(path: Path) -> int | None:
+    """The step recorded in a safetensors file's metadata (None when absent); CheckpointError when
+    the file cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is truncated or is not a safetensors file ({str(err)[:200]})") from None
+    return int(step) if step is not None and str(step).isdigit() else None
+
+
+def _load_safetensors(path: Path, device: str | torch.device):
+    from memoryformer.core.model import LanguageModel
+
+    metadata, state = _read_safetensors(path)
+    config = _weights_config(path, metadata)
     model = LanguageModel(config)
-    if config.tie_embeddings:
+    if config.tie_embeddings and "embed.weight" in state:
         state.setdefault("head.weight", state["embed.weight"])
     _load_model_state(model, state, path)
     return model.to(device)
@@ -371,34 +419,52 @@ def _load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], so
                               f"{str(err).splitlines()[0]}") from None
 
 
+def _load_checkpoint_model(path: Path, device: str | torch.device):
+    from memoryformer.core.model import LanguageModel
+
+    state = load_checkpoint(path)
+    model = LanguageModel(ModelConfig.from_dict(state["model_config"]))
+    _load_model_state(model, state["model"], path)
+    return model.to(device)
+
+
+def _load_from_run_dir(run_dir: Path, device: str | torch.device):
+    """The newer of model.safetensors and the newest readable checkpoint; a damaged file falls back
+    to the next one, saying so (one line on stderr)."""
+    found = [path for _, path in reversed(list_checkpoints(run_dir))]
+    weights = run_dir / WEIGHTS_FILE
+    if weights.is_file():
+        try:
+            step = _weights_step(weights)
+            if not found or (step or 0) >= _step_of(found[0]):
+                return _load_safetensors(weights, device), weights
+        except CheckpointError as err:
+            if not found:
+                raise
+            print(f"warning: {err}; loading {found[0]} instead", file=sys.stderr)
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds neither {WEIGHTS_FILE} nor checkpoints in "
+                                f"{CHECKPOINT_DIR}/; is it a training run directory?")
+    path, _ = load_newest_valid(found, lambda line: print(line, file=sys.stderr))
+    return _load_checkpoint_model(path, device), path
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(LanguageModel in eval mode on `device`, tokenizers.Tokenizer or None) from a run.
 
-    `path` is a run directory (the newer of its latest checkpoint and model.safetensors), a
-    checkpoint file (`.pt`) or a safetensors file. The tokenizer is the run's tokenizer.json."""
-    from memoryformer.core.model import LanguageModel
-
+    `path` is a run directory (the newer of its latest checkpoint and model.safetensors; a damaged
+    one falls back to the other, or to an older checkpoint, with a warning), a checkpoint file (`.pt`)
+    or a safetensors file. The tokenizer is the run's tokenizer.json."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory (--out of `memoryformer train`), "
                                 "a checkpoint file or a model.safetensors file")
     if path.is_dir():
-        latest = latest_checkpoint(path)
-        weights = path / WEIGHTS_FILE
-        if weights.is_file() and (latest is None or (_weights_step(weights) or 0) >= _step_of(latest)):
-            path = weights
-        elif latest is not None:
-            path = latest
-        else:
-            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_FILE} nor checkpoints in "
-                                    f"{CHECKPOINT_DIR}/; is it a training run directory?")
-    if path.suffix == ".safetensors":
+        model, path = _load_from_run_dir(path, device)
+    elif path.suffix == ".safetensors":
         model = _load_safetensors(path, device)
     else:
-        state = load_checkpoint(path)
-        model = LanguageModel(ModelConfig.from_dict(state["model_config"]))
-        _load_model_state(model, state["model"], path)
-        model = model.to(device)
+        model = _load_checkpoint_model(path, device)
     model.eval()
     return model, load_run_tokenizer(run_dir_of(path))
 
@@ -415,4 +481,7 @@ def load_run_tokenizer(run_dir: str | os.PathLike):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises its own Exception type for a damaged file
+        raise ValueError(f"the run's tokenizer {file} cannot be read ({str(err)[:200]})") from None

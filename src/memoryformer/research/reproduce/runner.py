@@ -350,7 +350,7 @@ def prepare_data(s: Settings) -> Path:
 
 
 def train_config(s: Settings, arm: Arm):
-    from memoryformer.train.loop import TrainConfig
+    from memoryformer.train import TrainConfig
 
     return TrainConfig(batch_size=s.batch_size, seq_len=s.seq_len, max_steps=s.steps, lr=arm.lr,
                        warmup_frac=s.warmup_frac, eval_every=s.eval_every, eval_batches=s.eval_batches or None,
@@ -391,7 +391,7 @@ def run_arm(s: Settings, arm: Arm, data: Path) -> dict[str, Any]:
     """Train one arm (or reuse its finished run) and return its result row."""
     from memoryformer.data import TokenData
     from memoryformer.research.analysis import BucketCounter, usage_hook, usage_summary
-    from memoryformer.train.loop import train, validation_loss
+    from memoryformer.train import train, validation_loss
 
     out = arm_dir(s, arm, data)
     cached = out / "arm.json"

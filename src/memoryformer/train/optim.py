@@ -1,0 +1,83 @@
+"""The optimizer and the LR schedule of the Pythia recipe (docs/training.md).
+
+AdamW (betas 0.9 / 0.95, eps 1e-8) with weight decay on every matrix (hash tables, embedding, head,
+dense weights) and none on vectors (biases, norm parameters); linear warmup, then cosine to
+`min_lr_ratio` x the peak at the last step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from memoryformer.train.config import TrainConfig
+
+
+def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(names with weight decay, names without): decay on parameters with two or more dimensions
+    (tables, embedding, head, dense weights), none on vectors (biases, RMSNorm / LayerNorm parameters).
+    A parameter shared by two modules (tied embedding) is listed once, under its first name."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(name)
+    return decay, no_decay
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: [{params with decay, weight_decay}, {params without, 0.0}]."""
+    decay, no_decay = decay_split(model)
+    params = dict(model.named_parameters())
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, lr: float, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over param_groups(model); fused=True for the CUDA fused kernel."""
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr, betas=config.betas,
+                             eps=config.eps, fused=True if fused else None)
+
+
+class WarmupCosine:
+    """LR multiplier of update `step` (0-based): linear warmup (step + 1) / warmup over the first
+    `warmup` updates, then cosine from 1 at update `warmup` to `min_ratio` at update max_steps - 1."""
+
+    def __init__(self, warmup: int, max_steps: int, min_ratio: float) -> None:
+        self.warmup, self.max_steps, self.min_ratio = int(warmup), int(max_steps), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = self.max_steps - 1 - self.warmup
+        progress = min(1.0, (step - self.warmup) / span) if span > 0 else 0.0
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, config: TrainConfig, peak_lr: float | None = None) -> float:
+    """The LR of update `step` (0-based) under config's schedule."""
+    peak = peak_lr if peak_lr is not None else config.lr
+    if peak is None:
+        raise ValueError("lr_at needs a peak LR: set config.lr or pass peak_lr")
+    return peak * WarmupCosine(config.resolved_warmup_steps, config.max_steps, config.min_lr_ratio)(step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that applies WarmupCosine to every parameter group."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(config.resolved_warmup_steps, config.max_steps, config.min_lr_ratio))
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any], config: TrainConfig) -> None:
+    """Load a scheduler's position, but follow `config`'s schedule (its peak LR and max_steps may have
+    changed on resume) and set the optimizer's LRs to it."""
+    scheduler.load_state_dict(state)
+    schedule = WarmupCosine(config.resolved_warmup_steps, config.max_steps, config.min_lr_ratio)
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [config.lr for _ in groups]
+    scheduler.lr_lambdas = [schedule for _ in groups]
+    for group in groups:
+        group["initial_lr"] = config.lr
+        group["lr"] = config.lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
