@@ -42,7 +42,7 @@ CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)\.(?:pt|dcp)$")  # .dcp: a sharded checkpoint folder (train/sharded.py)
 
 
 class CheckpointError(ValueError):
@@ -64,7 +64,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for path in folder.iterdir():
         match = _NAME.match(path.name)
-        if match and path.is_file():
+        if match and (path.is_file() if path.suffix == ".pt" else path.is_dir()):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -82,7 +82,10 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> list
     found = list_checkpoints(out_dir)
     doomed = [path for _, path in found[:-keep_last]]
     for path in doomed:
-        path.unlink(missing_ok=True)
+        if path.is_dir():  # a sharded checkpoint
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return doomed
 
 
@@ -257,7 +260,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint or weights file belongs to."""
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".dcp":  # .dcp: a sharded checkpoint folder
         return path
     return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
 
@@ -382,7 +385,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory (--out of `memoryformer train`), "
                                 "a checkpoint file or a model.safetensors file")
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".dcp":  # .dcp: a sharded checkpoint folder
         latest = latest_checkpoint(path)
         weights = path / WEIGHTS_FILE
         if weights.is_file() and (latest is None or (_weights_step(weights) or 0) >= _step_of(latest)):
@@ -394,6 +397,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
                                     f"{CHECKPOINT_DIR}/; is it a training run directory?")
     if path.suffix == ".safetensors":
         model = _load_safetensors(path, device)
+    elif path.suffix == ".dcp":  # a sharded checkpoint, read in one process (train/sharded.py)
+        from memoryformer.train.sharded import load_sharded_model
+
+        model = load_sharded_model(path).to(device)
     else:
         state = load_checkpoint(path)
         model = LanguageModel(ModelConfig.from_dict(state["model_config"]))

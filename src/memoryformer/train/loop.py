@@ -37,6 +37,7 @@ from torch import nn
 from memoryformer.core.config import PRESETS, JsonConfig, ModelConfig
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import distributed as D
+from memoryformer.train import sharded as S
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -595,9 +596,12 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
     # ---- resume ------------------------------------------------------------------------------
     step = 0
     if resume_from is not None:
-        small, big = _load_resume_state(resume_from, model_config, env)
-        D.load_full_state(core, optimizer, big.get("model", {}), big.get("optimizer", {}) or {}, env)
-        del big
+        if S.is_sharded_checkpoint(resume_from):  # sharded checkpoint: every rank reads its shards (train/sharded.py)
+            small = S.load_sharded_checkpoint(resume_from, model_config, core, optimizer, env)
+        else:
+            small, big = _load_resume_state(resume_from, model_config, env)
+            D.load_full_state(core, optimizer, big.get("model", {}), big.get("optimizer", {}) or {}, env)
+            del big
         _restore_schedule(scheduler, small["scheduler"], tc)
         if scaler is not None and small.get("scaler"):
             scaler.load_state_dict(small["scaler"])
@@ -626,6 +630,7 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(out)
+        S.remove_partial_checkpoints(out)  # sharded saves that were killed (train/sharded.py)
         ckpt.write_run_files(out, model_config, tc.to_json(), data.path,
                              {"world_size": env.world_size, "fsdp": sharded, "precision": precision,
                               "device": str(device)})
@@ -638,21 +643,27 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
             f"{tokens_per_step} tokens, peak lr {tc.lr:g}")
 
     # ---- checkpoint writer -------------------------------------------------------------------
-    def save(at_step: int) -> Path:
-        model_state = D.full_model_state(core)
-        optim_state = D.full_optimizer_state(core, optimizer)
-        rng = D.gather_objects(ckpt.capture_rng_state(), env)
-        path = ckpt.checkpoint_path(out, at_step)
-        if env.is_main:
-            result.elapsed_seconds = elapsed_before + time.perf_counter() - wall_start
-            if steady_seconds > 0:
-                result.tokens_per_s = steady_tokens / steady_seconds
-            ckpt.save_checkpoint(path, {
-                "step": at_step, "model": model_state, "optimizer": optim_state,
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+    def train_state(at_step: int, rng: list[Any]) -> dict[str, Any]:
+        """Everything of a checkpoint but the model and optimizer state."""
+        result.elapsed_seconds = elapsed_before + time.perf_counter() - wall_start
+        if steady_seconds > 0:
+            result.tokens_per_s = steady_tokens / steady_seconds
+        return {"step": at_step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "sampler": sampler.state_dict(), "rng": rng, "model_config": model_config.to_dict(),
                 "train_config": tc.to_dict(), "history": result._history(), "world_size": env.world_size,
-                "torch_version": str(torch.__version__)})
+                "torch_version": str(torch.__version__)}
+
+    def save(at_step: int) -> Path:
+        rng = D.gather_objects(ckpt.capture_rng_state(), env)
+        if sharded:  # one shard per rank, nothing gathered on rank 0 (train/sharded.py)
+            path = S.save_sharded_checkpoint(out, at_step, core, optimizer, train_state(at_step, rng), env)
+        else:
+            model_state = D.full_model_state(core)
+            optim_state = D.full_optimizer_state(core, optimizer)
+            path = ckpt.checkpoint_path(out, at_step)
+        if env.is_main:
+            if not sharded:
+                ckpt.save_checkpoint(path, {**train_state(at_step, rng), "model": model_state, "optimizer": optim_state})
             ckpt.prune_checkpoints(out, tc.keep_last)
         result.checkpoint = str(path)
         return path
