@@ -131,3 +131,46 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(x)[0], ref(x)[0], atol=1e-3)
     assert (out / "ddp" / "metrics.csv").is_file() and (out / "fsdp" / "model.safetensors").is_file()
+
+
+def test_stop_exit_code_of_torchrun_failures():
+    class Failure:
+        def __init__(self, exitcode: int) -> None:
+            self.exitcode = exitcode
+
+    assert D.stop_exit_code({0: Failure(143), 1: Failure(143)}) == 143
+    assert D.stop_exit_code({1: Failure(130)}) == 130
+    assert D.stop_exit_code({0: Failure(143), 1: Failure(1)}) is None  # a real failure keeps torchrun's report
+    assert D.stop_exit_code({0: Failure(-9)}) is None and D.stop_exit_code({}) is None
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_exits_143(tmp_path):
+    """SIGTERM to `python -m memoryformer.train.distributed` (torchrun): the FSDP2 workers checkpoint, the
+    launcher prints one line and exits 143, no traceback (resuming a sharded checkpoint: test_sharded.py)."""
+    import signal
+    import time
+
+    data = make_data(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "memoryformer.train.distributed", "--standalone", "--nproc_per_node", "2",
+           "-m", "memoryformer.cli", "train", "--preset", "mf-test", "--vocab-size", "300", "--data", str(data),
+           "--out", str(out), "--max-steps", "100000", "--batch-size", "1", "--seq-len", "16", "--device", "cpu",
+           "--fsdp", "--no-tensorboard", "--no-progress", "--ckpt-every", "0", "--eval-every", "0", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.csv"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 2):  # a few steps done
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-4000:]
+    assert "Traceback" not in stderr and "torchrun: stopped by SIGTERM" in stderr
+    latest = ckpt.latest_checkpoint(out)
+    assert latest is not None and latest.suffix == ".dcp" and f"checkpoint {latest}; continue with --resume" in stderr
+    history = json.loads((out / "history.json").read_text())
+    assert history["interrupted"] == "SIGTERM" and history["step"] == S.read_train_state(latest)["step"]
