@@ -54,7 +54,9 @@ WORKER = textwrap.dedent('''
         full = train(cfg, tc, data, out + "/full", **quiet)
         first = train(cfg, tc, data, out + "/pieces", stop_at_step=2, **quiet)
         second = train(cfg, tc, data, out + "/pieces", resume=True, **quiet)
-        report = {"full": full.to_dict(), "first": first.to_dict(), "second": second.to_dict()}
+        # DDP (no sharding) resumes the straight run's sharded step-4 checkpoint and writes a single file
+        ddp = train(cfg, tc.replace(fsdp=False, max_steps=5), data, out + "/full", resume=True, **quiet)
+        report = {"full": full.to_dict(), "first": first.to_dict(), "second": second.to_dict(), "ddp": ddp.to_dict()}
     with open(f"{out}/{mode}_rank{rank}.json", "w") as f:
         json.dump(report, f)
 ''')
@@ -92,8 +94,10 @@ def test_layout_and_bit_exact_resume_at_two_ranks(two_rank_runs):
         assert second["grad_norms"] == full["grad_norms"] and second["lrs"] == full["lrs"]
         assert [e["val_loss"] for e in second["evals"]] == [e["val_loss"] for e in full["evals"]]
         assert second["checkpoint"].endswith("step_00000004.dcp")
+        assert rep["ddp"]["step"] == 5 and rep["ddp"]["losses"][:4] == full["losses"]
+    assert ckpt.latest_checkpoint(out / "full").name == "step_00000005.pt"
     for run in ("full", "pieces"):
-        found = ckpt.list_checkpoints(out / run)
+        found = [(step, path) for step, path in ckpt.list_checkpoints(out / run) if path.suffix == ".dcp"]
         assert [step for step, _ in found] == [2, 4]
         for _, path in found:
             assert path.is_dir() and path.suffix == ".dcp"
