@@ -445,3 +445,21 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoint(data_dir, small_disk, ca
     assert "step_00000004.pt" in line and "inline_container" not in line
     assert digests(out) == before and temporaries(out) == []
     assert ckpt.load_checkpoint(ckpt.checkpoint_path(out, 2))["step"] == 2
+
+
+def test_resume_refuses_changed_data_naming_what_changed(tmp_path):
+    """A run records its data's fingerprint; --resume on re-prepared data says which part changed."""
+    from memoryformer.data import prepare
+    from memoryformer.train import TrainConfig, train
+    from tiny_data import make_data
+
+    data = make_data(tmp_path)
+    cfg = ModelConfig.from_preset("mf-test", vocab_size=300)
+    tc = TrainConfig(batch_size=2, seq_len=16, max_steps=4, eval_every=0, ckpt_every=2, tensorboard=False,
+                     device="cpu", precision="fp32")
+    train(cfg, tc, data, tmp_path / "run", progress=False, verbose=False, stop_at_step=2)
+    (tmp_path / "corpus" / "extra.txt").write_text("the memory table hash layer. " * 400)
+    prepare([str(tmp_path / "corpus")], data, vocab_size=300, val_fraction=0.2, block_chars=1000, progress=False,
+            force=True)
+    with pytest.raises(ValueError, match=r"changed since this run started: training tokens"):
+        train(cfg, tc, data, tmp_path / "run", resume=True, progress=False, verbose=False)

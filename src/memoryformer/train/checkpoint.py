@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import zipfile
 from collections.abc import Callable, Iterable
@@ -51,7 +52,7 @@ CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+_NAME = re.compile(r"^step_(\d+)\.(?:pt|dcp)$")  # .dcp: a sharded checkpoint folder (train/sharded.py)
 # what a checkpoint must hold to resume training from it (load_checkpoint checks step, model, model_config)
 RESUME_KEYS = ("optimizer", "scheduler", "sampler")
 
@@ -75,7 +76,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for path in folder.iterdir():
         match = _NAME.match(path.name)
-        if match and path.is_file():
+        if match and (path.is_file() if path.suffix == ".pt" else path.is_dir()):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -93,7 +94,10 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> list
     found = list_checkpoints(out_dir)
     doomed = [path for _, path in found[:-keep_last]]
     for path in doomed:
-        path.unlink(missing_ok=True)
+        if path.is_dir():  # a sharded checkpoint
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return doomed
 
 
@@ -273,7 +277,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint or weights file belongs to."""
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".dcp":  # .dcp: a sharded checkpoint folder
         return path
     return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
 
@@ -445,6 +449,10 @@ def _load_from_run_dir(run_dir: Path, device: str | torch.device):
     if not found:
         raise FileNotFoundError(f"{run_dir} holds neither {WEIGHTS_FILE} nor checkpoints in "
                                 f"{CHECKPOINT_DIR}/; is it a training run directory?")
+    if found[0].suffix == ".dcp":  # a sharded checkpoint, read in one process (train/sharded.py)
+        from memoryformer.train.sharded import load_sharded_model
+
+        return load_sharded_model(found[0]).to(device), found[0]
     path, _ = load_newest_valid(found, lambda line: print(line, file=sys.stderr))
     return _load_checkpoint_model(path, device), path
 
@@ -459,10 +467,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory (--out of `memoryformer train`), "
                                 "a checkpoint file or a model.safetensors file")
-    if path.is_dir():
+    if path.is_dir() and path.suffix != ".dcp":  # .dcp: a sharded checkpoint folder
         model, path = _load_from_run_dir(path, device)
     elif path.suffix == ".safetensors":
         model = _load_safetensors(path, device)
+    elif path.suffix == ".dcp":  # a sharded checkpoint, read in one process (train/sharded.py)
+        from memoryformer.train.sharded import load_sharded_model
+
+        model = load_sharded_model(path).to(device)
     else:
         model = _load_checkpoint_model(path, device)
     model.eval()

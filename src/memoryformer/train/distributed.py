@@ -10,15 +10,20 @@ MASTER_ADDR and MASTER_PORT). Backend: nccl on CUDA, gloo on CPU.
            the real initial weights on the CPU and broadcasts them, so the initial weights equal a
            single-process run's with the same seed.
 
-Checkpoints always hold *full* (unsharded) state dicts on the CPU, gathered with
-`torch.distributed.checkpoint.state_dict`, and optimizer state keyed by parameter name, so a
-checkpoint written by one process, by DDP or by FSDP2 is the same file and loads in any of them.
+Checkpoints of one process and of DDP hold *full* state dicts (rank 0 writes one file); FSDP2 runs
+write sharded checkpoints, one shard per rank (train/sharded.py). Both kinds load in any of the three.
+
+`python -m memoryformer.train.distributed TORCHRUN_ARGS...` is torchrun with clean stops (`launch`):
+a SIGTERM / Ctrl-C lets the workers checkpoint, then ends with one line and exit code 143 / 130
+instead of torchrun's traceback and 1. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -260,3 +265,53 @@ def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
     """clip_grad_norm_'s result as a plain tensor (FSDP2 returns a DTensor)."""
     full = getattr(norm, "full_tensor", None)
     return full() if callable(full) else norm
+
+
+# ---- torchrun with clean stops ------------------------------------------------------------------
+
+STOP_CODES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}  # what `memoryformer train` returns
+DEFAULT_SHUTDOWN_TIMEOUT_S = 300  # torchrun's own default, 30 s, can cut a large checkpoint short
+
+
+def _stopped_line(name: str) -> str:
+    return (f"torchrun: stopped by {name}: the workers were asked to finish their step and checkpoint (rank 0's "
+            "last line names the checkpoint); rerun the same command with --resume to continue")
+
+
+def stop_exit_code(failures: dict[int, Any]) -> int | None:
+    """128 + signal when every failed worker stopped on a signal after checkpointing (exit codes 143 / 130),
+    else None. `failures`: torchrun's ChildFailedError.failures (rank -> ProcessFailure with .exitcode)."""
+    codes = {int(failure.exitcode) for failure in failures.values()}
+    return max(codes) if codes and codes <= set(STOP_CODES) else None
+
+
+def launch(argv: list[str]) -> int:
+    """torchrun (same arguments) that ends a signal stop with one line and 128 + signal (143 for SIGTERM,
+    130 for Ctrl-C), like a single process, instead of a traceback and exit code 1.
+
+    torchrun's agent forwards SIGTERM / SIGINT to the workers, which finish the step, checkpoint and
+    exit; it SIGKILLs them after --shutdown-timeout seconds (default here DEFAULT_SHUTDOWN_TIMEOUT_S,
+    or TORCH_ELASTIC_SHUTDOWN_TIMEOUT). A worker that fails for another reason keeps torchrun's report."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S))
+    args = parse_args(argv)
+    try:
+        run(args)
+    except SignalException as err:
+        print(_stopped_line(signal.Signals(err.sigval).name), file=sys.stderr)
+        return 128 + int(err.sigval)
+    except ChildFailedError as err:
+        code = stop_exit_code(err.failures)
+        if code is not None:  # the workers were signalled directly (e.g. by the cluster), not torchrun
+            print(_stopped_line(STOP_CODES[code]), file=sys.stderr)
+            return code
+        print(err.format_msg(), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launch(sys.argv[1:]))

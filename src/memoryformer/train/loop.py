@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from memoryformer.core.config import ModelConfig
+from memoryformer.data.fingerprint import data_fingerprint, fingerprint_mismatch
 from memoryformer.progress import Progress
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import distributed as D
+from memoryformer.train import sharded as S
 from memoryformer.train.config import RECIPE_FIELDS, TrainConfig, paper_lr
 from memoryformer.train.files import remove_stale_temporaries
 from memoryformer.train.lock import RunLock
@@ -164,6 +166,7 @@ class Trainer:
         self.sampler = self.data.sampler("train", tc.batch_size, tc.seq_len, seed=tc.seed, shuffle=tc.shuffle,
                                          rank=env.rank, world_size=env.world_size)
         self.params = [p for p in self.core.parameters() if p.requires_grad]
+        self.data_fingerprint = data_fingerprint(self.data.path)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * env.world_size * tc.seq_len
         self.fpt = flops_per_token(self.model_config, tc.seq_len, self.core if not self.sharded else None)
         self.stats = StepStats(self.tokens_per_step)
@@ -175,9 +178,15 @@ class Trainer:
 
     def resume(self, candidates: list[Path]) -> None:
         """Continue from the newest usable checkpoint: weights, optimizer, schedule, data position, RNG."""
-        path, small, big = load_resume_state(candidates, self.model_config, self.env, self.say)
-        D.load_full_state(self.core, self.optimizer, big.get("model", {}), big.get("optimizer", {}) or {}, self.env)
-        del big
+        if S.is_sharded_checkpoint(candidates[0]):  # every rank reads its shards (train/sharded.py)
+            path = candidates[0]
+            small = S.load_sharded_checkpoint(path, self.model_config, self.core, self.optimizer, self.env)
+        else:
+            path, small, big = load_resume_state(candidates, self.model_config, self.env, self.say)
+            D.load_full_state(self.core, self.optimizer, big.get("model", {}), big.get("optimizer", {}) or {},
+                              self.env)
+            del big
+        self.check_resumed_data(small)  # before the sampler, whose own check cannot say what changed
         restore_schedule(self.scheduler, small["scheduler"], self.tc)
         if self.scaler is not None and small.get("scaler"):
             self.scaler.load_state_dict(small["scaler"])
@@ -188,13 +197,16 @@ class Trainer:
         self.step = self.saved_step = int(small["step"])
         self.result.restore_history(small.get("history") or {})
         self.result.checkpoint = str(path)
-        self.check_resumed_data(small)
         self.say(f"resuming from {path} (step {self.step})")
         self.warn_changed_settings(small)
 
     def check_resumed_data(self, saved: dict[str, Any]) -> None:
-        """Compare the checkpoint's record of its training data with `self.data` (the data directory's
-        fingerprint check belongs here). Nothing is compared yet."""
+        """Refuse to continue on data other than the run started on (checkpoints older than the
+        fingerprint carry none and are not checked)."""
+        if "data_fingerprint" in saved:
+            problem = fingerprint_mismatch(saved["data_fingerprint"], self.data_fingerprint)
+            if problem:
+                raise ValueError(problem)
 
     def warn_changed_settings(self, saved: dict[str, Any]) -> None:
         saved_tc = saved.get("train_config", {})
@@ -210,6 +222,7 @@ class Trainer:
         self.elapsed_before = self.result.elapsed_seconds
         if self.env.is_main:
             removed = remove_stale_temporaries(self.out, self.out / ckpt.CHECKPOINT_DIR)
+            removed += S.remove_partial_checkpoints(self.out)  # sharded saves that were killed
             if removed:
                 self.say(f"removed {len(removed)} temporary file(s) of an interrupted write: "
                          + ", ".join(p.name for p in removed))
@@ -320,13 +333,18 @@ class Trainer:
 
     def save(self) -> Path:
         """Write this step's checkpoint (atomically; signals wait until it is complete), prune old ones."""
-        path = ckpt.checkpoint_path(self.out, self.step)
         with self.signals.held():
-            state = self.checkpoint_state()
+            if self.sharded:  # one shard per rank, nothing gathered on rank 0 (train/sharded.py)
+                path = S.save_sharded_checkpoint(self.out, self.step, self.core, self.optimizer,
+                                                 self.train_state(), self.env)
+            else:
+                path = ckpt.checkpoint_path(self.out, self.step)
+                state = self.checkpoint_state()
+                if self.env.is_main:
+                    ckpt.save_checkpoint(path, state)
+                del state
             if self.env.is_main:
-                ckpt.save_checkpoint(path, state)
                 ckpt.prune_checkpoints(self.out, self.tc.keep_last)
-        del state
         self.result.checkpoint = str(path)
         self.saved_step = self.step
         self.last_save = time.monotonic()
@@ -336,12 +354,16 @@ class Trainer:
         """Everything a resume needs, gathered to rank 0 (a collective: every rank calls it)."""
         model_state = D.full_model_state(self.core)
         optim_state = D.full_optimizer_state(self.core, self.optimizer)
+        return {**self.train_state(), "model": model_state, "optimizer": optim_state}
+
+    def train_state(self) -> dict[str, Any]:
+        """A checkpoint's state but the model and optimizer (gathers RNG states: every rank calls it)."""
         rng = D.gather_objects(ckpt.capture_rng_state(), self.env)
         r = self.result
         r.elapsed_seconds = self.elapsed()
         if self.stats.steady_seconds > 0:
             r.tokens_per_s = self.stats.steady_tokens_per_s
-        return {"step": self.step, "model": model_state, "optimizer": optim_state,
+        return {"step": self.step, "data_fingerprint": self.data_fingerprint,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                 "sampler": self.sampler.state_dict(), "rng": rng, "model_config": self.model_config.to_dict(),
                 "train_config": self.tc.to_dict(), "history": r.history(), "world_size": self.env.world_size,
