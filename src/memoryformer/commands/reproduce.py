@@ -1,11 +1,11 @@
 """`memoryformer reproduce EXPERIMENT`: the paper's comparisons and ablations at small scale
-(see memoryformer.research.reproduce.runner)."""
+(see memoryformer.research.reproduce: registry, runner, report)."""
 
 from __future__ import annotations
 
 import argparse
 
-from memoryformer.research.reproduce.runner import ORDER, Settings
+from memoryformer.research.reproduce.registry import ORDER, Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.research.reproduce.runner import EXPERIMENTS, flags_of, run
+    from memoryformer.research.reproduce.registry import EXPERIMENTS, flags_of
+    from memoryformer.research.reproduce.runner import run
 
     changes = {k: getattr(args, k) for k in ("data", "out", "results", "steps", "seeds", "depths", "lr_sweep",
                                             "batch_size", "seq_len", "vocab_size", "max_bytes", "threads")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,28 @@ def usage_hook(data, seq_len: int, windows: int = 32, split: str = "val",
 # ---- plots ----------------------------------------------------------------------------------
 
 
+PLOT_EXTRA = "pip install 'memoryformer[plot]'"
+_warned: set[str] = set()
+
+
+def plotting_available(what: str = "the plots") -> bool:
+    """Whether matplotlib imports; without it, print one warning line (once per `what`) naming the extra."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if what not in _warned:
+            _warned.add(what)
+            print(f"warning: matplotlib is not installed; skipping {what} ({PLOT_EXTRA})", file=sys.stderr,
+                  flush=True)
+        return False
+    return True
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(f"plotting needs matplotlib: {PLOT_EXTRA}") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

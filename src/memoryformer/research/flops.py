@@ -458,12 +458,14 @@ def figure1_series(
     return {"hidden_sizes": list(hidden_sizes), "seq_lens": list(seq_lens), "tau": tau, "series": series}
 
 
-def plot_figure1(path: str, seq_lens: Sequence[int] = (1024, 2048)) -> str:
-    """Draw Figure 1 (FLOPs per block vs hidden size 512..3072, paper convention) to a PNG."""
-    import matplotlib
+def plot_figure1(path: str, seq_lens: Sequence[int] = (1024, 2048)) -> str | None:
+    """Draw Figure 1 (FLOPs per block vs hidden size 512..3072, paper convention) to a PNG; without
+    matplotlib, warn in one line and return None."""
+    from memoryformer.research.analysis import _pyplot, plotting_available
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if not plotting_available("Figure 1"):
+        return None
+    plt = _pyplot()
 
     data = figure1_series(seq_lens=seq_lens)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
