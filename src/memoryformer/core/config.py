@@ -17,6 +17,7 @@ from typing import Any
 ARCHITECTURES = ("memoryformer", "pythia")
 WEIGHTINGS = ("prob", "l1")
 ACTIVATIONS = (None, "gelu")
+ATTENTIONS = ("softmax", "performer", "cosformer", "linformer")  # the Pythia twin's attention (paper Table 2)
 
 
 class JsonConfig:
@@ -67,6 +68,7 @@ class ModelConfig(JsonConfig):
     max_seq_len: int = 2048
     architecture: str = "memoryformer"
     # attention
+    attention: str = "softmax"  # Pythia only: "performer", "cosformer", "linformer" (Table 2; core/linear_attention.py)
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
     # norms: LayerNorm eps (Pythia's norms, and the LayerNorm inside the Memory Block);
@@ -128,6 +130,9 @@ class ModelConfig(JsonConfig):
         need(self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
             need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        need(self.attention == "softmax" or self.architecture == "pythia",
+             f"attention={self.attention!r} replaces the Pythia twin's attention; MemoryFormer uses softmax")
         need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         need(0.0 <= self.rotary_pct <= 1.0, f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         need(self.rotary_dims % 2 == 0, f"rotary dims per head ({self.rotary_dims}) must be even")
