@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -161,8 +162,11 @@ def run_arm(s: Settings, arm: Arm, data: Path) -> dict[str, Any]:
     hook = usage_hook(tokens, s.seq_len, s.usage_windows) if is_mf and s.usage_windows else None
     steps = arm_steps(s, arm)
     t0 = time.perf_counter()
-    res = train(cfg, train_config(s, arm), data, out, resume="auto", progress=s.progress, verbose=False,
-                on_eval=hook)
+    try:
+        res = train(cfg, train_config(s, arm), data, out, resume="auto", progress=s.progress, verbose=False,
+                    on_eval=hook)
+    except FloatingPointError as err:  # a diverged LR is a result of a sweep, not a failure of the study
+        return _diverged_row(s, arm, cfg, data, out, str(err), time.perf_counter() - t0)
     if not res.finished:
         raise RuntimeError(f"arm {arm.name!r} stopped at step {res.step} of {steps} ({res.interrupted}); rerun "
                            "the same command to resume it")
@@ -187,8 +191,26 @@ def run_arm(s: Settings, arm: Arm, data: Path) -> dict[str, Any]:
     return row
 
 
+def _diverged_row(s: Settings, arm: Arm, cfg: ModelConfig, data: Path, out: Path, why: str,
+                  seconds: float) -> dict[str, Any]:
+    """The cached result of an arm whose loss became non-finite: held-out loss inf, so sweeps rank it last."""
+    from memoryformer.train.checkpoint import atomic_write_text
+
+    row = {"name": arm.name, "labels": arm.labels, "lr": arm.lr, "seed": arm.seed, **_config_fields(cfg),
+           "steps": arm_steps(s, arm), "batch_size": s.batch_size, "seq_len": s.seq_len,
+           "train_tokens": arm_steps(s, arm) * s.batch_size * s.seq_len, "val_loss": math.inf, "val_ppl": math.inf,
+           "val_tokens": 0, "train_loss_end": math.inf, "train_tokens_per_s": 0.0, "wall_s": seconds,
+           "diverged": why, **model_numbers(cfg, s.seq_len), "evals": [], "run_dir": str(out),
+           "data": data_fingerprint(data)}
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    atomic_write_text(out / "arm.json", json.dumps(row, indent=1) + "\n")
+    return row
+
+
 def arm_line(row: dict[str, Any]) -> str:
     """One log line for a finished arm: its name, held-out loss and time."""
+    if row.get("diverged"):
+        return f"  {row['name']}: diverged ({row['diverged']}), {row['wall_s']:.0f} s"
     if row.get("cached"):
         return f"  {row['name']}: cached, val loss {row['val_loss']:.4f} ({row['run_dir']})"
     return (f"  {row['name']}: val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f}), "
@@ -220,7 +242,7 @@ def run_plan(s: Settings, plan: Plan, data: Path, *, jobs: int = 1, desc: str = 
     finished arm, and `on_row(rows)` is called then too (to write results as they land). jobs > 1
     runs that many arms at once in worker processes with `s.threads` torch threads each."""
     rows: list[dict[str, Any]] = []
-    with Progress(total=None, desc=desc, unit="arms", every_s=0) as bar:
+    with Progress(total=None, desc=desc, unit="arms finished") as bar:
         def finished(row: dict[str, Any]) -> None:
             rows.append(row)
             bar.write(arm_line(row))
@@ -336,5 +358,9 @@ def run_experiment(name: str, s: Settings, *, arms: list[Arm] | None = None) -> 
 
 def run(name: str, s: Settings) -> dict[str, dict[str, Any]]:
     """One experiment, or "all" of them in order (arms shared between experiments run once)."""
+    if name == "scaling":  # long: never part of "all"
+        from memoryformer.research.reproduce.scaling import run_scaling
+
+        return {"scaling": run_scaling(s)}
     names = ORDER if name == "all" else (name,)
     return {n: run_experiment(n, s) for n in names}
