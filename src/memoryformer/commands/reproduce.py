@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, help=f"BPE vocabulary trained on the corpus (default {d.vocab_size})")
     parser.add_argument("--max-bytes", type=int, help=f"bytes of text to read (default {d.max_bytes:,})")
     parser.add_argument("--threads", type=int, help=f"torch CPU threads (default {d.threads}: fastest on a busy CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="where arms train (default cpu; cuda: the GPU "
+                                                                   "path for larger budgets, docs/results.md)")
     parser.add_argument("--jobs", type=int, help=f"scaling: arms trained at once, each in its own process with "
                                                  f"--threads threads (default {d.jobs})")
     parser.add_argument("--max-tokens", type=int, help="scaling: cap on any arm's token budget (shrinks the largest "
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     changes = {k: getattr(args, k) for k in ("data", "out", "results", "steps", "seeds", "depths", "lr_sweep",
                                             "batch_size", "seq_len", "vocab_size", "max_bytes", "threads", "jobs",
-                                            "max_tokens", "budgets")
+                                            "max_tokens", "budgets", "device")
                if getattr(args, k) is not None}
     flags = flags_of(changes, args.quick)
     for key in ("seeds", "depths", "lr_sweep", "budgets"):

@@ -258,13 +258,7 @@ def structural_count(config: ModelConfig, seq_len: int, *, causal: bool = False)
         bias_outputs = 3 * d + d if c.attention_bias else 0
         mlp_bias_outputs = ffn + d
 
-    if c.attention == "softmax":
-        block.append(Term("attention.scores", "attention", pairs * d))  # QK^T over all heads
-        block.append(Term("attention.softmax", "elementwise", SOFTMAX_OPS_PER_SCORE * pairs * c.n_heads))
-        block.append(Term("attention.values", "attention", pairs * d))  # AV
-    else:  # Table 2's efficient attentions: linear in s (core/linear_attention.attention_macs)
-        block.append(Term(f"attention.{c.attention}", "attention",
-                          attention_macs(c.attention, s, d, c.n_heads, c.max_seq_len)))
+    block += _attention_terms(c, s, pairs)
     ew("attention.rotary", ROTARY_OPS_PER_ELEMENT * 2 * c.rotary_dims * c.n_heads)
 
     if c.architecture == "memoryformer":
@@ -293,6 +287,17 @@ def structural_count(config: ModelConfig, seq_len: int, *, causal: bool = False)
         Term("head", "dense", s * d * c.vocab_size),
     )
     return StructuralCount(c.architecture, s, c.n_layers, causal, tuple(block), model)
+
+
+def _attention_terms(c: ModelConfig, s: int, pairs: int) -> list[Term]:
+    """Softmax attention over `pairs` query-key pairs (QK^T, softmax, AV), or one of Table 2's efficient
+    attentions, linear in s (core/linear_attention.attention_macs)."""
+    if c.attention != "softmax":
+        return [Term(f"attention.{c.attention}", "attention", attention_macs(c.attention, s, c.d_model, c.n_heads,
+                                                                              c.max_seq_len))]
+    return [Term("attention.scores", "attention", pairs * c.d_model),  # QK^T over all heads
+            Term("attention.softmax", "elementwise", SOFTMAX_OPS_PER_SCORE * pairs * c.n_heads),
+            Term("attention.values", "attention", pairs * c.d_model)]  # AV
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:

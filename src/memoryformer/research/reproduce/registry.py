@@ -74,6 +74,7 @@ class Settings:
     expanding_bits: tuple[int, ...] = (0, 1, 2, 3)
     temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)
     threads: int = 1  # torch threads; 1 is fastest on a busy shared CPU
+    device: str = "cpu"  # "cuda": the GPU path for larger budgets (arms on a GPU get their own run directories)
     jobs: int = 2  # arms trained at once, each in its own process (the scaling study)
     max_tokens: int | None = None  # cap on any arm's token budget (the scaling study's largest budget)
     budgets: tuple[int, ...] = (250_000, 1_000_000, 4_000_000, 16_000_000)  # the scaling study's tokens
@@ -94,6 +95,8 @@ class Settings:
             problems.append("give at least one seed")
         if not self.depths:
             problems.append("give at least one depth")
+        if self.device not in ("cpu", "cuda"):
+            problems.append(f"device must be cpu or cuda, got {self.device!r}")
         if not self.budgets or self.budgets[0] < 1:
             problems.append(f"budgets must be positive token counts, got {self.budgets}")
         if self.max_tokens is not None and self.max_tokens < self.batch_size * self.seq_len:

@@ -86,7 +86,7 @@ def train_config(s: Settings, arm: Arm):
     ckpt_every = max(steps // 2, 1) if arm.steps is None else max(min(steps // 2, 500), 1)
     return TrainConfig(batch_size=s.batch_size, seq_len=s.seq_len, max_steps=steps, lr=arm.lr,
                        warmup_frac=s.warmup_frac, eval_every=eval_every, eval_batches=s.eval_batches or None,
-                       log_every=10, ckpt_every=ckpt_every, keep_last=1, seed=arm.seed, device="cpu",
+                       log_every=10, ckpt_every=ckpt_every, keep_last=1, seed=arm.seed, device=s.device,
                        precision="fp32", tensorboard=False)
 
 
