@@ -288,3 +288,25 @@ def test_reproduce_without_matplotlib_writes_json_and_markdown(tmp_path, corpus,
 
     with pytest.raises(ImportError, match="memoryformer\\[plot\\]"):
         plot_arms([], tmp_path / "x.png", title="x")
+
+
+def test_bad_settings_are_one_clear_error(capsys):
+    from memoryformer.cli import main
+
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        Settings(jobs=0)
+    with pytest.raises(ValueError, match="budgets must be positive"):
+        Settings(budgets=(0, 1000))
+    with pytest.raises(ValueError, match="max_tokens must be at least one step"):
+        Settings(max_tokens=10)
+    assert main(["reproduce", "scaling", "--jobs", "0", "--list"]) == 1
+    assert "jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_list_prints_the_series_and_first_arms(capsys):
+    from memoryformer.cli import main
+
+    assert main(["reproduce", "scaling", "--list", "--max-tokens", "4000000"]) == 0
+    out = capsys.readouterr().out
+    assert "twin-wide: twin at MF's non-embedding parameters (d 608)" in out
+    assert "budgets 0.25M, 1M, 4M\n" in out and "MF 0.25M lr 3.2e-2 seed 0" in out and "twin 0.25M lr 4e-3" in out
