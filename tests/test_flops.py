@@ -204,23 +204,23 @@ def test_mf_tiny_block_parameters() -> None:
         "ml2": block.mlp.ml2.table.numel(),
     }
     assert layers == _analytic_block_tables(cfg)
-    for name, millions in paper.SPEC_BLOCK_TABLE_PARAMS_M["mf-tiny"].items():
+    for name, millions in paper.SECTION3_BLOCK_TABLE_PARAMS_M["mf-tiny"].items():
         assert round(layers[name] / 1e6, 1) == millions
     breakdown = flops.model_breakdown(cfg, model)
     assert breakdown.block.counts["tables"] == sum(layers.values())
     assert round(breakdown.block.bytes(torch.float16)["tables"] / 1e6, 1) == 138.4
 
 
-@pytest.mark.parametrize("preset", list(paper.SPEC_PARAMS_PER_BLOCK_M))
+@pytest.mark.parametrize("preset", list(paper.SECTION3_PARAMS_PER_BLOCK_M))
 def test_memoryformer_totals_match_spec(preset: str) -> None:
     cfg = ModelConfig.from_preset(preset)
     b = flops.model_breakdown(preset)
     assert b.to_dict()["blocks_identical"]
     assert b.block.counts["tables"] == sum(_analytic_block_tables(cfg).values())
-    assert round(b.block.total / 1e6, 1) == paper.SPEC_PARAMS_PER_BLOCK_M[preset]
+    assert round(b.block.total / 1e6, 1) == paper.SECTION3_PARAMS_PER_BLOCK_M[preset]
     assert round(b.block.bytes(torch.float16)["tables"] / 1e6, 1) == pytest.approx(
-        paper.SPEC_TABLE_MB_PER_BLOCK_FP16[preset], abs=0.051)
-    assert b.total.total == pytest.approx(paper.SPEC_TOTAL_PARAMS[preset], rel=0.003)
+        paper.SECTION3_TABLE_MB_PER_BLOCK_FP16[preset], abs=0.051)
+    assert b.total.total == pytest.approx(paper.SECTION3_TOTAL_PARAMS[preset], rel=0.003)
     assert b.total.counts["embedding"] == b.total.counts["head"] == cfg.vocab_size * cfg.d_model
     assert b.total.counts["dense"] == 0 and b.total.counts["other"] == 0
     assert b.total.total == b.total.counts["embedding"] * 2 + cfg.n_layers * b.block.total + cfg.d_model

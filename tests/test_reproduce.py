@@ -10,19 +10,16 @@ import pytest
 
 from memoryformer.cli import main
 from memoryformer.core.config import ModelConfig
-from memoryformer.research.reproduce.runner import (
+from memoryformer.research.reproduce.registry import (
     EXPERIMENTS,
     ORDER,
     Settings,
-    arm_dir,
     base_model,
     best_lrs,
-    data_dir,
-    run_experiment,
-    train_config,
     twin_followup,
     width_for_tau,
 )
+from memoryformer.research.reproduce.runner import arm_dir, data_dir, run_experiment, train_config
 
 # what each ablation may change relative to the reference MemoryFormer (besides the LR for "lr")
 VARIES = {
@@ -94,7 +91,7 @@ def test_reference_arm_is_shared_between_experiments():
 def test_paper_deltas_are_log_ppl_ratios():
     import math
 
-    from memoryformer.research.reproduce.runner import paper_deltas
+    from memoryformer.research.reproduce.report import paper_deltas
 
     tau = paper_deltas("tau")
     assert tau["8"] == 0.0 and tau["10"] == pytest.approx(math.log(18.67 / 18.82))
@@ -104,7 +101,7 @@ def test_paper_deltas_are_log_ppl_ratios():
 
 
 def test_lr_tags():
-    from memoryformer.research.reproduce.runner import _lr_tag
+    from memoryformer.research.reproduce.registry import _lr_tag
 
     assert [_lr_tag(x) for x in (1e-3, 3e-3, 6e-3, 1.2e-2, 0.5)] == ["1e-3", "3e-3", "6e-3", "1.2e-2", "5e-1"]
 

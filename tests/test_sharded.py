@@ -20,7 +20,7 @@ from tiny_data import make_data
 from memoryformer.core.config import ModelConfig
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import sharded as S
-from memoryformer.train.loop import TrainConfig, train
+from memoryformer.train import TrainConfig, train
 
 # eps=1e-6: see test_distributed.py (keeps 1-process and 2-rank runs within rounding of each other)
 SETTINGS = dict(batch_size=1, grad_accum=2, seq_len=16, max_steps=4, eval_every=2, eval_batches=2, log_every=1,
@@ -30,7 +30,7 @@ WORKER = textwrap.dedent('''
     import json, os, signal, sys
     from memoryformer.core.config import ModelConfig
     from memoryformer.train import sharded as S
-    from memoryformer.train.loop import TrainConfig, train
+    from memoryformer.train import TrainConfig, train
 
     data, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     tc = TrainConfig(**json.loads(sys.argv[4]))

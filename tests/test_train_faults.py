@@ -449,9 +449,10 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoint(data_dir, small_disk, ca
 
 def test_resume_refuses_changed_data_naming_what_changed(tmp_path):
     """A run records its data's fingerprint; --resume on re-prepared data says which part changed."""
+    from tiny_data import make_data
+
     from memoryformer.data import prepare
     from memoryformer.train import TrainConfig, train
-    from tiny_data import make_data
 
     data = make_data(tmp_path)
     cfg = ModelConfig.from_preset("mf-test", vocab_size=300)

@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown preset(s) {unknown}; choose from: {', '.join(PRESETS)}")
     dtype = DTYPES[args.dtype]
     rows = [_row(name, args.seq_len, dtype, with_params=not args.no_params) for name in args.presets]
-    if args.plot:
-        flops.plot_figure1(args.plot)
+    plotted = flops.plot_figure1(args.plot) if args.plot else None  # None without matplotlib (warned)
     if args.json:
         out = {
             "seq_len": args.seq_len,
@@ -43,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
             "conventions": flops.CONVENTIONS,
             "notes": [flops.TABLE1_NOTE, flops.STRUCTURAL_NOTE],
             "presets": rows,
-            "plot": args.plot,
+            "plot": plotted,
         }
         print(json.dumps(out, indent=2))
         return 0
     _print_tables(rows, args.seq_len, args.dtype)
-    if args.plot:
-        print(f"\nFigure 1 written to {args.plot}")
+    if plotted:
+        print(f"\nFigure 1 written to {plotted}")
     return 0
 
 

@@ -20,6 +20,7 @@ from memoryformer.core.reference import MAX_TAU, WEIGHTINGS, check_tau
 
 ARCHITECTURES = ("memoryformer", "pythia")
 ACTIVATIONS = (None, "gelu")
+ATTENTIONS = ("softmax", "performer", "cosformer", "linformer")  # the Pythia twin's attention (paper Table 2)
 
 
 class JsonConfig:
@@ -70,6 +71,7 @@ class ModelConfig(JsonConfig):
     max_seq_len: int = 2048
     architecture: str = "memoryformer"
     # attention
+    attention: str = "softmax"  # Pythia only: "performer", "cosformer", "linformer" (Table 2; core/linear_attention.py)
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
     # norms: LayerNorm eps (Pythia's norms, and the LayerNorm inside the Memory Block);
@@ -137,6 +139,8 @@ class ModelConfig(JsonConfig):
             if not cond:
                 raise ValueError(f"ModelConfig: {msg}")
 
+        need(self.attention == "softmax" or self.architecture == "pythia",
+             f"attention={self.attention!r} replaces the Pythia twin's attention; MemoryFormer uses softmax")
         need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         need(self.rotary_dims % 2 == 0, f"rotary dims per head ({self.rotary_dims}) must be even")
         if self.architecture == "memoryformer":
@@ -211,7 +215,7 @@ def _tau(name: str, value: Any) -> int:
 
 _FIELD_RULES: dict[str, Callable[[str, Any], Any]] = {
     "vocab_size": _integer(1), "n_layers": _integer(1), "d_model": _integer(1), "n_heads": _integer(1),
-    "max_seq_len": _integer(1), "architecture": _choice(ARCHITECTURES),
+    "max_seq_len": _integer(1), "architecture": _choice(ARCHITECTURES), "attention": _choice(ATTENTIONS),
     "rotary_pct": _number(0.0, 1.0), "rotary_base": _number(0.0, low_open=True),
     "norm_eps": _number(0.0, low_open=True), "rms_norm_eps": _number(0.0, low_open=True),
     "tau": _tau, "expanding_bits": _integer(0), "weighting": _choice(WEIGHTINGS),

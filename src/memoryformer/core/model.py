@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from memoryformer import kernels as _kernels
 from memoryformer.core.config import ModelConfig
 from memoryformer.core.layer import MemoryLayer
+from memoryformer.core.linear_attention import make_attention
 
 # ---------------------------------------------------------------------------------------------
 # Norms and rotary embedding
@@ -127,15 +128,16 @@ def _merge_heads(x: Tensor) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None,
-            layer: int) -> Tensor:
-    """Rotary on q and k (B, H, T, Dh), cache update, causal attention -> (B, T, H * Dh)."""
+            layer: int, attention: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """Rotary on q and k (B, H, T, Dh), cache update, causal attention (softmax, or `attention`, one of
+    core/linear_attention.py's modules) -> (B, T, H * Dh)."""
     cos, sin = rope
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if cache is not None:
         dtype = cache.keys[layer].dtype
         k, v = cache.update(layer, k.to(dtype), v.to(dtype))
         q = q.to(dtype)
-    return _merge_heads(causal_attention(q, k, v))
+    return _merge_heads((attention or causal_attention)(q, k, v))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,12 +218,15 @@ class PythiaAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.query_key_value = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.attention_bias)
         self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attention_bias)
+        if cfg.attention != "softmax":  # Table 2's efficient attentions; softmax adds no submodule
+            self.linear_attention = make_attention(cfg.attention, head_dim=cfg.head_dim,
+                                                   max_seq_len=cfg.max_seq_len, layer=layer)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
         """(B, T, d) -> (B, T, d)."""
         qkv = _split_heads(self.query_key_value(x), self.n_heads)  # (B, H, T, 3 Dh)
         q, k, v = qkv.chunk(3, dim=-1)
-        return self.dense(_attend(q, k, v, rope, cache, self.layer))
+        return self.dense(_attend(q, k, v, rope, cache, self.layer, getattr(self, "linear_attention", None)))
 
 
 class PythiaMLP(nn.Module):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,28 @@ def usage_hook(data, seq_len: int, windows: int = 32, split: str = "val",
 # ---- plots ----------------------------------------------------------------------------------
 
 
+PLOT_EXTRA = "pip install 'memoryformer[plot]'"
+_warned: set[str] = set()
+
+
+def plotting_available(what: str = "the plots") -> bool:
+    """Whether matplotlib imports; without it, print one warning line (once per `what`) naming the extra."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if what not in _warned:
+            _warned.add(what)
+            print(f"warning: matplotlib is not installed; skipping {what} ({PLOT_EXTRA})", file=sys.stderr,
+                  flush=True)
+        return False
+    return True
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(f"plotting needs matplotlib: {PLOT_EXTRA}") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -441,3 +462,53 @@ def plot_lr_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- scaling fits ---------------------------------------------------------------------------
+
+
+def _linear_fit(x: Sequence[float], y: Sequence[float], alpha: float) -> tuple[float, float, float]:
+    """Least squares of y = E + A x^(-alpha) for a fixed alpha: (E, A, sum of squared residuals)."""
+    import numpy as np
+
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    basis = np.stack([np.ones_like(xs), xs ** -alpha], axis=1)
+    (e, a), *_ = np.linalg.lstsq(basis, ys, rcond=None)
+    resid = ys - basis @ np.array([e, a])
+    return float(e), float(a), float(resid @ resid)
+
+
+def fit_power_law(tokens: Sequence[float], losses: Sequence[float], *, unit: float = 1e6,
+                  alpha_range: tuple[float, float] = (1e-3, 3.0)) -> dict[str, Any] | None:
+    """Fit L(D) = E + A * (D / unit)^(-alpha) by least squares; None with fewer than 3 points.
+
+    For each alpha the best (E, A) is linear least squares; alpha is found by a grid over alpha_range
+    refined by golden-section search. Returns E, A, alpha, unit, the residuals (data minus fit), their
+    RMS and the degrees of freedom (points - 3)."""
+    if len(tokens) != len(losses):
+        raise ValueError(f"fit_power_law: {len(tokens)} token counts but {len(losses)} losses")
+    if len(tokens) < 3:
+        return None
+    x = [t / unit for t in tokens]
+    lo, hi = alpha_range
+    grid = [lo * (hi / lo) ** (i / 199) for i in range(200)]
+    sse = [_linear_fit(x, losses, a)[2] for a in grid]
+    i = min(range(len(grid)), key=sse.__getitem__)
+    a_lo, a_hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        c, d = a_hi - golden * (a_hi - a_lo), a_lo + golden * (a_hi - a_lo)
+        if _linear_fit(x, losses, c)[2] < _linear_fit(x, losses, d)[2]:
+            a_hi = d
+        else:
+            a_lo = c
+    alpha = (a_lo + a_hi) / 2
+    e, a, s = _linear_fit(x, losses, alpha)
+    residuals = [float(y - (e + a * xi ** -alpha)) for xi, y in zip(x, losses)]
+    return {"E": e, "A": a, "alpha": alpha, "unit": unit, "residuals": residuals,
+            "rms_residual": math.sqrt(s / len(x)), "dof": len(x) - 3, "points": len(x)}
+
+
+def power_law(fit: Mapping[str, Any], tokens: float) -> float:
+    """The fitted L(D) at D = tokens."""
+    return fit["E"] + fit["A"] * (tokens / fit["unit"]) ** -fit["alpha"]

@@ -28,6 +28,8 @@ from torch import nn
 
 from memoryformer.core.config import PRESETS, ModelConfig
 from memoryformer.core.layer import MemoryLayer
+from memoryformer.core.linear_attention import attention_macs
+from memoryformer.research.paper import TABLE1_FLOPS_G, TABLE2_BLOCK_GFLOPS, TABLE2_D_MODEL, TABLE2_SEQ_LEN
 
 CONVENTIONS = {
     "paper": "paper convention: 1 FLOP = 1 multiply-add",
@@ -91,10 +93,29 @@ def paper_block_flops(
 
 
 def paper_flops(config: ModelConfig, seq_len: int, *, attention: bool = True) -> int:
-    """`paper_block_flops` for a config (one block, paper convention)."""
-    return paper_block_flops(
-        config.architecture, config.d_model, seq_len, num_tables=config.num_tables, attention=attention
-    )
+    """`paper_block_flops` for a config (one block, paper convention); a twin with an efficient attention
+    (config.attention, Table 2) counts that attention's multiply-adds instead of 2 s^2 d."""
+    linear = paper_block_flops(config.architecture, config.d_model, seq_len, num_tables=config.num_tables,
+                               attention=False)
+    if not attention:
+        return linear
+    return linear + attention_macs(config.attention, seq_len, config.d_model, config.n_heads, config.max_seq_len)
+
+
+def table2_flops(seq_len: int = TABLE2_SEQ_LEN, d_model: int = TABLE2_D_MODEL, n_heads: int = 16) -> dict[str, Any]:
+    """FLOPs of one Pythia-410M block (d = 1024, 16 heads) with each attention of Table 2 at s = seq_len, paper
+    convention (1 multiply-add = 1 FLOP), beside the paper's printed numbers (G).
+
+    Ours are the structural formulas of core/linear_attention.attention_macs (Performer m = int(Dh ln Dh)
+    features, Linformer r = s / 8, the attention's max_seq_len taken as s)."""
+    dense = paper_block_flops("pythia", d_model, seq_len, attention=False)
+    rows = {}
+    for kind in ("softmax", "performer", "cosformer", "linformer"):
+        macs = attention_macs(kind, seq_len, d_model, n_heads, seq_len)
+        rows[kind] = {"attention_gflops": macs / 1e9, "block_gflops": (dense + macs) / 1e9,
+                      "paper_block_gflops": TABLE2_BLOCK_GFLOPS.get(kind) if kind != "softmax" else
+                      TABLE1_FLOPS_G["pythia-410m"][1]}
+    return {"seq_len": seq_len, "d_model": d_model, "n_heads": n_heads, "dense_gflops": dense / 1e9, "rows": rows}
 
 
 def to_convention(macs: int | float, convention: str) -> int | float:
@@ -237,9 +258,7 @@ def structural_count(config: ModelConfig, seq_len: int, *, causal: bool = False)
         bias_outputs = 3 * d + d if c.attention_bias else 0
         mlp_bias_outputs = ffn + d
 
-    block.append(Term("attention.scores", "attention", pairs * d))  # QK^T over all heads
-    block.append(Term("attention.softmax", "elementwise", SOFTMAX_OPS_PER_SCORE * pairs * c.n_heads))
-    block.append(Term("attention.values", "attention", pairs * d))  # AV
+    block += _attention_terms(c, s, pairs)
     ew("attention.rotary", ROTARY_OPS_PER_ELEMENT * 2 * c.rotary_dims * c.n_heads)
 
     if c.architecture == "memoryformer":
@@ -268,6 +287,17 @@ def structural_count(config: ModelConfig, seq_len: int, *, causal: bool = False)
         Term("head", "dense", s * d * c.vocab_size),
     )
     return StructuralCount(c.architecture, s, c.n_layers, causal, tuple(block), model)
+
+
+def _attention_terms(c: ModelConfig, s: int, pairs: int) -> list[Term]:
+    """Softmax attention over `pairs` query-key pairs (QK^T, softmax, AV), or one of Table 2's efficient
+    attentions, linear in s (core/linear_attention.attention_macs)."""
+    if c.attention != "softmax":
+        return [Term(f"attention.{c.attention}", "attention", attention_macs(c.attention, s, c.d_model, c.n_heads,
+                                                                              c.max_seq_len))]
+    return [Term("attention.scores", "attention", pairs * c.d_model),  # QK^T over all heads
+            Term("attention.softmax", "elementwise", SOFTMAX_OPS_PER_SCORE * pairs * c.n_heads),
+            Term("attention.values", "attention", pairs * c.d_model)]  # AV
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -458,12 +488,14 @@ def figure1_series(
     return {"hidden_sizes": list(hidden_sizes), "seq_lens": list(seq_lens), "tau": tau, "series": series}
 
 
-def plot_figure1(path: str, seq_lens: Sequence[int] = (1024, 2048)) -> str:
-    """Draw Figure 1 (FLOPs per block vs hidden size 512..3072, paper convention) to a PNG."""
-    import matplotlib
+def plot_figure1(path: str, seq_lens: Sequence[int] = (1024, 2048)) -> str | None:
+    """Draw Figure 1 (FLOPs per block vs hidden size 512..3072, paper convention) to a PNG; without
+    matplotlib, warn in one line and return None."""
+    from memoryformer.research.analysis import _pyplot, plotting_available
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if not plotting_available("Figure 1"):
+        return None
+    plt = _pyplot()
 
     data = figure1_series(seq_lens=seq_lens)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
