@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,35 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), tokenizer
 
 
+def peek_config(path: str | Path) -> ModelConfig | None:
+    """The `ModelConfig` of a model path (HF directory, training run, checkpoint or safetensors file),
+    read from its config.json or safetensors header without loading any weights. None when that small
+    file is missing or unreadable: loading the model then reports the real problem."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get("memoryformer_config")
+            if text is not None:
+                return ModelConfig.from_json(text)
+        if path.is_file():
+            path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        data = json.loads((path / "config.json").read_text())
+        if data.get("model_type") == "memoryformer":
+            return MemoryFormerConfig.from_dict(data).to_model_config()
+        if data.get("model_type") == "gpt_neox":
+            from transformers import GPTNeoXConfig
+
+            from memoryformer.integrations.neox import config_from_hf
+
+            return config_from_hf(GPTNeoXConfig.from_dict(data))
+        return ModelConfig.from_dict(data)
+    except Exception:  # noqa: BLE001  (a pre-check only: the loader raises the clear error)
+        return None
+
+
 def _not_a_checkpoint(path: Path) -> str:
     found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     listing = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
@@ -301,9 +331,27 @@ def _lm_eval_class() -> type:
                 kwargs.update(device=device, dtype=dtype or "auto")
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", **kwargs)
 
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            """HFLM's, after refusing in one clear error what HFLM would refuse with a bare assert."""
+            check_continuations_fit(requests, self.max_length)
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
     MemoryFormerLM.__module__ = __name__
     _LM_EVAL_CLASS = MemoryFormerLM
     return MemoryFormerLM
+
+
+def check_continuations_fit(requests: list, max_length: int) -> None:
+    """Raise ValueError when an lm-eval request's continuation (((context, continuation), context ids,
+    continuation ids)) is longer than the model's context: lm-eval cannot score it (its HFLM asserts)."""
+    too_long = [req for req in requests if len(req[2]) > max_length]
+    if too_long:
+        longest = max(len(req[2]) for req in too_long)
+        raise ValueError(f"lm-eval cannot score {len(too_long)} request(s) whose continuation is longer than "
+                         f"the model's {max_length}-token context (up to {longest} tokens); leave those tasks out "
+                         f"(mf_piqa and mf_logiqa have such items for a 256-token model), or score them with "
+                         f"`memoryformer eval --task ...`, which keeps a continuation's last {max_length} tokens")
 
 
 def __getattr__(name: str) -> Any:
@@ -317,7 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, OSError) as err:  # what a user can fix: one line, not lm-eval's traceback
+        if os.environ.get("MEMORYFORMER_TRACEBACK"):
+            raise
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"python -m memoryformer.hf: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # run through the package module, so only its classes are registered
