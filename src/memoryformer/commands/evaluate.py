@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N examples of each task")
     parser.add_argument("--max-length", type=int, metavar="N",
                         help="model context in tokens (default: the model's max_seq_len)")
-    parser.add_argument("--device", help="device to run on (default: where the model was loaded)")
+    parser.add_argument("--device", help="device to run on: cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("--force", action="store_true",
+                        help="load the model even when the memory estimate says it will not fit")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--write-lm-eval-tasks", metavar="DIR",
@@ -137,10 +139,14 @@ def build_scorer(args: argparse.Namespace):
     import torch
 
     from memoryformer.evaluation.evaluate import Scorer
+    from memoryformer.train.distributed import resolve_device
+    from memoryformer.train.memory import check_inference_memory
 
-    model, tokenizer = load_model_for_eval(args.model, args.device)
+    device = resolve_device(args.device or "cpu")
+    check_inference_memory(args.model, device, batch_size=args.batch_size, seq_len=args.max_length,
+                           force=args.force)
+    model, tokenizer = load_model_for_eval(args.model, device)
     model.eval()
-    device = args.device or next(model.parameters()).device
     max_length = args.max_length or getattr(getattr(model, "config", None), "max_seq_len", None)
     if max_length is None:
         raise ValueError("the model does not say its context length: pass --max-length N")

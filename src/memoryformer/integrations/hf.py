@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +188,66 @@ def save_pretrained(model: LanguageModel, out_dir: str | Path, tokenizer: Any = 
     return out
 
 
+def save_pretrained_atomic(model: LanguageModel, out_dir: str | Path, tokenizer: Any = None, *,
+                           replace: bool = False, **kwargs: Any) -> Path:
+    """`save_pretrained` into a temporary sibling of `out_dir`, renamed to `out_dir` once complete and
+    synced to disk: a full disk, an error or a kill never leaves a half-written directory. A non-empty
+    `out_dir` is refused unless `replace` (it is then swapped for the new one, whole)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not replace:
+        raise ValueError(f"--out {out} is not empty; choose another directory or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_pretrained(model, tmp, tokenizer, **kwargs)
+        _fsync_tree(tmp)
+        _swap_in(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ValueError(f"the disk holding {out.parent} is full: the export did not fit; "
+                             f"{out} is unchanged") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, and the folder itself, to disk."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; a non-empty `out` is moved aside first and removed after."""
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)  # onto nothing, or onto an empty directory
+    _fsync_dir(out.parent)
+
+
 def export(source: str | Path, out_dir: str | Path, *, native_neox: bool = True, remote_code: bool = True,
            dtype: torch.dtype | None = None) -> Path:
     """`memoryformer export`: a training run, checkpoint file or HF directory -> an HF directory."""
@@ -220,16 +282,31 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not is_hf_dir(path):
         raise ValueError(_not_a_checkpoint(path))
-    model_type = json.loads((path / "config.json").read_text())["model_type"]
-    with _no_progress_bars():
-        if model_type == "gpt_neox":
-            model = LanguageModel.from_hf_gpt_neox(str(path))
-        else:
-            model = MemoryFormerForCausalLM.from_pretrained(str(path)).model
+    model = _read_hf_model(path, json.loads((path / "config.json").read_text())["model_type"])
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.config, f"{path / 'tokenizer.json'}")
     return model.to(device).eval(), tokenizer
+
+
+def _read_hf_model(path: Path, model_type: str) -> LanguageModel:
+    """The LanguageModel of HF directory `path`; unreadable or unsafe weights are a ValueError naming them."""
+    import pickle
+
+    try:
+        with _no_progress_bars():
+            if model_type == "gpt_neox":
+                return LanguageModel.from_hf_gpt_neox(str(path))
+            return MemoryFormerForCausalLM.from_pretrained(str(path)).model
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "")
+        raise ValueError(f"{path}: the pickled weights hold Python objects other than tensors; refused, since "
+                         "unpickling them could run arbitrary code" + (f" ({detail})" if detail else "")) from None
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "safetensors":
+            raise
+        raise ValueError(f"{path}: the weights are not a readable safetensors file ({str(err).strip()}); "
+                         "export the model again") from None
 
 
 def peek_config(path: str | Path) -> ModelConfig | None:

@@ -515,7 +515,8 @@ def _load_resume_state(path: Path, model_config: ModelConfig, env: D.DistEnv) ->
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | Path, out_dir: str | Path,
           resume: bool | str = False, *, stop_at_step: int | None = None, progress: bool = True,
-          verbose: bool = True, on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None) -> TrainResult:
+          verbose: bool = True, on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None,
+          resume_hint: str = "continue with --resume") -> TrainResult:
     """Train a LanguageModel on a prepared data directory; write logs, checkpoints and weights to out_dir.
 
     resume: False starts a new run (error if out_dir already holds checkpoints); True continues
@@ -551,14 +552,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
         raise decision["error"]
     resume_from = decision["path"]
     result = _train(model_config, tc, data, out, resume_from, env, stop_at_step=stop_at_step, progress=progress,
-                    verbose=verbose, make_model=lambda: LanguageModel(model_config), on_eval=on_eval)
+                    verbose=verbose, make_model=lambda: LanguageModel(model_config), on_eval=on_eval,
+                    resume_hint=resume_hint)
     D.barrier(env)  # rank 0's files are complete when any rank returns
     return result
 
 
 def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_from: Path | None,
            env: D.DistEnv, *, stop_at_step: int | None, progress: bool, verbose: bool, make_model,
-           on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None) -> TrainResult:
+           on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None,
+           resume_hint: str = "continue with --resume") -> TrainResult:
     from tqdm.auto import tqdm
 
     bar = None
@@ -779,7 +782,7 @@ def _train(model_config: ModelConfig, tc: TrainConfig, data, out: Path, resume_f
                 if stopping:
                     result.interrupted = stop.name or "signal on another rank"
                     say(f"stopped by {result.interrupted} at step {step}; checkpoint {result.checkpoint}; "
-                        "continue with --resume")
+                        f"{resume_hint}")
                     break
                 if pause:
                     say(f"stopped at step {step} (stop_at_step); checkpoint {result.checkpoint}")

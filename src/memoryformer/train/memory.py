@@ -140,3 +140,29 @@ def check_training_memory(model_config: ModelConfig, batch_size: int, seq_len: i
         check_memory(estimate, resolve_device(device, local_rank), force=force,
                      what=f"training this model ({estimate.parameters / 1e6:,.1f}M parameters) at batch {batch_size}")
     return estimate
+
+
+def check_inference_memory(path: str | Path, device: torch.device | str, *, batch_size: int = 1,
+                           seq_len: int | None = None, force: bool = False) -> MemoryEstimate | None:
+    """`eval` / `generate`'s check before loading the model at `path`: its weights and one batch of
+    logits against the free memory of `device`. None when the config cannot be read without the
+    weights (then loading reports the problem)."""
+    try:
+        from memoryformer.integrations.hf import peek_config
+    except ImportError:  # no transformers: HF directories cannot load anyway; run configs still can
+        config = _run_config(Path(path))
+    else:
+        config = peek_config(path)
+    if config is None:
+        return None
+    estimate = estimate_memory(config, batch_size=batch_size, seq_len=seq_len)
+    check_memory(estimate, device, what=f"{path} ({estimate.parameters / 1e6:,.1f}M parameters)", force=force)
+    return estimate
+
+
+def _run_config(path: Path) -> ModelConfig | None:
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    try:
+        return ModelConfig.from_json(run / "config.json")
+    except (OSError, ValueError, TypeError):
+        return None
