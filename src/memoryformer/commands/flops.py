@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memoryformer.core.config import PRESETS
+from memoryformer.core.config import PRESETS, ModelConfig
 from memoryformer.research import flops
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -57,7 +57,17 @@ def _row(name: str, seq_len: int, dtype: torch.dtype, with_params: bool) -> dict
     row = flops.flops_report(name, seq_len)
     if with_params:
         row["params"] = flops.model_breakdown(name).to_dict(dtype)
+        row["memory"] = _memory(name, seq_len)
     return row
+
+
+def _memory(name: str, seq_len: int) -> dict[str, dict[str, int]]:
+    """Bytes to load the preset (fp32 weights) and to train it at batch 1 (memoryformer.train.memory)."""
+    from memoryformer.train.memory import estimate_memory
+
+    config = ModelConfig.from_preset(name)
+    return {"inference": estimate_memory(config, seq_len=seq_len).to_dict(),
+            "training_batch_1": estimate_memory(config, training=True, batch_size=1, seq_len=seq_len).to_dict()}
 
 
 def _g(x: float) -> str:
@@ -104,6 +114,18 @@ def _print_tables(rows: list[dict[str, Any]], seq_len: int, dtype_name: str) -> 
             _m(p["embedding"] + p["head"]), f"{p['norms']:,}", f"{p['biases']:,}",
             f"{b['bytes']['tables'] / 1e6:.1f} MB", f"{p['bytes']['total'] / 1e9:.2f} GB",
         ])
+    _print_grid(table)
+    _print_memory(rows, seq_len)
+
+
+def _print_memory(rows: list[dict[str, Any]], seq_len: int) -> None:
+    print("\nMemory estimate in GiB (memoryformer.train.memory: `train`, `eval` and `generate` check it first):")
+    print(f"  fp32 weights; training one sequence of {seq_len} tokens adds gradients, AdamW state, activations.")
+    table = [["preset", "weights", "inference", "train b=1", "gradients", "AdamW", "activations"]]
+    for r in rows:
+        inf, tr = r["memory"]["inference"], r["memory"]["training_batch_1"]
+        table.append([r["name"], *(f"{v / 2**30:.2f}" for v in (
+            inf["weights"], inf["total"], tr["total"], tr["gradients"], tr["optimizer"], tr["activations"]))])
     _print_grid(table)
 
 
