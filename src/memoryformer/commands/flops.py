@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from memoryformer.core.config import PRESETS, ModelConfig
 from memoryformer.research import flops
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"unknown preset(s) {unknown}; choose from: {', '.join(PRESETS)}")
+    if args.plot:
+        check_plot_path(args.plot)
     dtype = DTYPES[args.dtype]
     rows = [_row(name, args.seq_len, dtype, with_params=not args.no_params) for name in args.presets]
     if args.plot:
@@ -51,6 +55,17 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"\nFigure 1 written to {args.plot}")
     return 0
+
+
+def check_plot_path(path: str) -> None:
+    """--plot must name an image file (.png, .pdf, .svg) in an existing folder."""
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--plot {path} is a directory; give a file name such as {file / 'figure1.png'}")
+    if file.suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {path}: give an image file name ending in {', '.join(PLOT_SUFFIXES)}")
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"--plot {path}: folder {file.parent} does not exist")
 
 
 def _row(name: str, seq_len: int, dtype: torch.dtype, with_params: bool) -> dict[str, Any]:
