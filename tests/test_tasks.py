@@ -343,6 +343,8 @@ HUB_ROWS = {
              {"goal": "Find a dog", "sol1": "Ask the fox.", "sol2": "Look for it.", "label": 1}],
     "arc_easy": [{"id": "q1", "question": "Which is a planet?",
                   "choices": {"text": ["Mars", "Moon", "Sun"], "label": ["A", "B", "C"]}, "answerKey": "A"}],
+    "arc_challenge": [{"id": "q2", "question": "2 + 2 = ?",
+                       "choices": {"text": ["3", "4", "5", "6"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"}],
     "winogrande": [{"sentence": "Sarah beat Maria so _ got the trophy.", "option1": "Sarah", "option2": "Maria",
                     "answer": "1"}],
     "wsc273": [{"text": "The city councilmen refused the demonstrators a permit because they feared violence.",
@@ -362,9 +364,9 @@ HUB_ROWS = {
 }
 
 
-@pytest.fixture
-def local_hub(tmp_path, monkeypatch):
-    """datasets.load_dataset redirected from each task's hub name to a local json file (HUB_ROWS)."""
+def redirect_hub(tmp_path: Path, monkeypatch) -> list:
+    """datasets.load_dataset redirected from each task's hub name to a local json file of HUB_ROWS;
+    returns the list of (path, name, split) it is asked for."""
     import datasets
 
     from memoryformer.evaluation.tasks import HUB
@@ -376,13 +378,20 @@ def local_hub(tmp_path, monkeypatch):
         files[(HUB[task].path, HUB[task].name)] = write_jsonl(tmp_path / "hub" / f"{task}.jsonl", rows)
     real, asked = datasets.load_dataset, []
 
-    def load_dataset(path, name=None, *, split, data_files=None):
+    def load_dataset(path, name=None, *args, split=None, data_files=None, **kwargs):
+        if (path, name) not in files:  # a local dataset (lm-eval's YAMLs): load it as asked
+            return real(path, name, *args, split=split, data_files=data_files, **kwargs)
         asked.append((path, name, split))
         return real("json", data_files={split: str(files[(path, name)])}, split=split,
                     cache_dir=str(tmp_path / "cache"))
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return asked
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    return redirect_hub(tmp_path, monkeypatch)
 
 
 def test_hub_loader_reads_a_local_file_given_as_the_dataset_path(tmp_path, monkeypatch):
