@@ -258,3 +258,22 @@ def test_bench_results_dir_is_a_file(tmp_path, capsys):
     line = one_line_error(capsys, "bench", main(["bench", "--summary-only", "--results-dir", str(target)]))
     assert "results" in line
     assert target.read_text() == "a file\n"
+
+
+@pytest.mark.parametrize("verb", sorted(VERB_ARGS))
+def test_truncated_weights_beside_a_valid_checkpoint_never_give_a_traceback(files, tmp_path, capsys, verb):
+    """The run's model.safetensors is truncated but a valid checkpoint exists: loading may fall back to
+    the checkpoint (and succeed) or refuse; either way no traceback, and a refusal is one line."""
+    root = copy_of(files, tmp_path / "files")
+    model, _ = checkpoint.load_model(root / "run")
+    checkpoint.save_checkpoint(checkpoint.checkpoint_path(root / "run", 5),
+                               {"step": 5, "model": model.state_dict(), "model_config": model.config.to_dict()})
+    weights = root / "run" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(root)
+    code = run_verb(verb, root / "run", root)
+    if code != 0:
+        one_line_error(capsys, verb, code)
+    else:
+        assert "Traceback" not in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(root).items() if not k.startswith("out_dir")} == before
