@@ -70,7 +70,17 @@ def test_plot_figure1_writes_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "fig1.png"
     flops.plot_figure1(str(path))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_not_blank_png(path)
+
+
+def assert_not_blank_png(path, min_width=400, min_height=250) -> None:
+    """An image of a plausible size whose pixels are not all one colour."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] >= min_height and pixels.shape[1] >= min_width, pixels.shape
+    assert pixels[..., :3].std() > 0.05, "the image is blank"
 
 
 def test_table3_memory_layer_flops_and_size() -> None:
@@ -267,7 +277,8 @@ def test_cli_table_and_plot(tmp_path, capsys) -> None:
     path = tmp_path / "figure1.png"
     assert cli.main(["flops", "--seq-len", "1024", "--no-params", "--plot", str(path)]) == 0
     text = capsys.readouterr().out
-    assert path.exists() and "1 FLOP = 1 multiply-add" in text and "0.91 G" in text
+    assert "1 FLOP = 1 multiply-add" in text and "0.91 G" in text
+    assert_not_blank_png(path)
     for preset in flops.PAPER_PRESETS:
         assert preset in text
 
@@ -276,3 +287,34 @@ def test_cli_bad_input(capsys) -> None:
     assert cli.main(["flops", "--presets", "mf-huge"]) == 1
     assert "unknown preset" in capsys.readouterr().err
     assert cli.main(["flops", "--seq-len", "0"]) == 1
+
+
+def test_memory_estimate_counts_what_the_model_holds() -> None:
+    """Weights, gradients and AdamW from the real model's tensors; activations by the documented formula."""
+    from memoryformer import LanguageModel, ModelConfig
+    from memoryformer.train.memory import estimate_memory
+
+    for preset in ("mf-test", "pythia-test"):
+        config = ModelConfig.from_preset(preset)
+        model = LanguageModel(config)
+        values = sum(t.numel() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+        inference = estimate_memory(config, batch_size=2, seq_len=8)
+        assert inference.parameters == values and inference.weights == 4 * values
+        assert inference.activations == 4 * 2 * 8 * config.vocab_size  # one batch of fp32 logits
+        training = estimate_memory(config, training=True, batch_size=2, seq_len=8)
+        per_token_layer = 34 * config.d_model + 5 * config.n_heads * 8
+        activations = 2 * 2 * 8 * config.n_layers * per_token_layer + 2 * 4 * 2 * 8 * config.vocab_size
+        assert training.activations == activations
+        assert training.total == 4 * values + 4 * values + 8 * values + activations
+
+
+def test_cli_shows_the_memory_estimate(capsys) -> None:
+    assert cli.main(["flops", "--presets", "mf-tiny", "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["presets"][0]["memory"]
+    assert memory["inference"]["weights"] == 4 * memory["inference"]["parameters"]
+    assert memory["training_batch_1"]["total"] > memory["inference"]["total"]
+    assert cli.main(["flops", "--presets", "mf-tiny", "mf-small"]) == 0
+    text = capsys.readouterr().out
+    assert "Memory estimate in GiB" in text and "train b=1" in text
+    line = next(line for line in text.splitlines() if line.startswith("mf-small") and "7.25" in line)
+    assert float(line.split()[1]) == pytest.approx(1.946e9 * 4 / 2**30, rel=0.01)  # 1.95B fp32 weights

@@ -15,8 +15,8 @@ from memoryformer.cli import main
 from memoryformer.data.tokenizer import train_bpe
 
 pytest.importorskip("transformers")
-checkpoint = pytest.importorskip("memoryformer.train.checkpoint")
-generate_cmd = pytest.importorskip("memoryformer.commands.generate")
+from memoryformer.commands import generate as generate_cmd  # noqa: E402
+from memoryformer.train import checkpoint  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue water fire stone tree".split()
 PROMPT = "the big cat sat on"

@@ -5,8 +5,10 @@ Every model is a tiny random one built here; nothing is downloaded."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
 from memoryformer.data.tokenizer import train_bpe  # noqa: E402
 from memoryformer.integrations.hf import (  # noqa: E402
+    REMOTE_CODE,
     MemoryFormerCache,
     MemoryFormerConfig,
     MemoryFormerForCausalLM,
@@ -34,6 +37,7 @@ from memoryformer.integrations.hf import (  # noqa: E402
     to_hf,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 320
 ARCHS = ("mf-test", "pythia-test")
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue water fire stone tree über café".split()
@@ -263,12 +267,35 @@ def test_remote_code_loads_without_memoryformer(tmp_path, tokenizer):
         gen = mf.generate(exp["x"], max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(gen, exp["mf_gen"]), (gen, exp["mf_gen"])
         assert tok.eos_token == "<|endoftext|>"
+        # the copy's own GPT-NeoX import (LanguageModel.from_hf_gpt_neox) works without the package
+        twin = sys.modules[type(mf).__module__].LanguageModel.from_hf_gpt_neox({str(tmp_path / "py")!r})
+        torch.testing.assert_close(twin(exp["x"])[0], exp["py"], rtol=1e-5, atol=1e-5)
         assert not any(m.split(".")[0] == "memoryformer" for m in sys.modules)
         print("ok")
     """)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("generate_remote_code", ROOT / "scripts" / "generate_remote_code.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_checked_in_remote_code_is_up_to_date():
+    """Regenerating modeling_memoryformer.py from the sources gives the checked-in text exactly."""
+    assert _generator().generate() == remote_code_source(), "run: python scripts/generate_remote_code.py"
+
+
+def test_remote_code_passes_ruff():
+    ruff = shutil.which("ruff")
+    assert ruff is not None, "ruff (a dev dependency) is needed for this test"
+    result = subprocess.run([ruff, "check", "--no-cache", str(REMOTE_CODE)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
 
 
 def test_remote_code_source_is_self_contained(tmp_path):

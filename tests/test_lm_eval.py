@@ -215,3 +215,21 @@ def test_lm_eval_command_line_with_trust_remote_code(setup, tmp_path):
         samples.append(sample)
     _check_loglikelihoods_agree({"results": results["results"], "samples": {"mf_piqa": samples}},
                                 setup["models"]["mf-test"], setup["tokenizer"], setup["root"])
+
+
+def test_a_continuation_longer_than_the_context_is_one_line(setup, tmp_path, capsys):
+    """lm-eval's HFLM only asserts on a continuation longer than the model's context; our command line
+    names the problem in one line and exits 1."""
+    from memoryformer.integrations.hf import main
+
+    torch.manual_seed(1)
+    short = LanguageModel(ModelConfig.from_preset("mf-test", vocab_size=320, max_seq_len=2)).eval()
+    save_pretrained(short, tmp_path / "short", setup["tokenizer"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "memoryformer", "--model_args", f"pretrained={tmp_path / 'short'}",
+              "--include_path", str(setup["tasks"]), "--tasks", "mf_piqa", "--device", "cpu",
+              "--batch_size", "2"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m memoryformer.hf: error: lm-eval cannot score"), err[-5:]
+    assert "2-token context" in err[-1] and "Traceback" not in "\n".join(err)

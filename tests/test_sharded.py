@@ -18,9 +18,9 @@ import torch
 from tiny_data import make_data
 
 from memoryformer.core.config import ModelConfig
+from memoryformer.train import TrainConfig, train
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import sharded as S
-from memoryformer.train import TrainConfig, train
 
 # eps=1e-6: see test_distributed.py (keeps 1-process and 2-rank runs within rounding of each other)
 SETTINGS = dict(batch_size=1, grad_accum=2, seq_len=16, max_steps=4, eval_every=2, eval_batches=2, log_every=1,

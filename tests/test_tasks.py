@@ -335,3 +335,125 @@ def test_docs_layouts_match_lm_eval_datasets(data_root):
     assert set(load_docs("logiqa", data_root=data_root)[0]) == {"label", "context", "question", "options"}
     assert set(load_docs("hellaswag", data_root=data_root)[0]) == {"query", "choices", "label", "gold"}
     assert os.path.basename(get_task("hellaswag").default_path) == "hellaswag_val_full.txt.bz2"
+
+
+# -- Hugging Face datasets (the hub loader, pointed at local files: nothing is downloaded) -------------------
+HUB_ROWS = {
+    "piqa": [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0},
+             {"goal": "Find a dog", "sol1": "Ask the fox.", "sol2": "Look for it.", "label": 1}],
+    "arc_easy": [{"id": "q1", "question": "Which is a planet?",
+                  "choices": {"text": ["Mars", "Moon", "Sun"], "label": ["A", "B", "C"]}, "answerKey": "A"}],
+    "arc_challenge": [{"id": "q2", "question": "2 + 2 = ?",
+                       "choices": {"text": ["3", "4", "5", "6"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"}],
+    "winogrande": [{"sentence": "Sarah beat Maria so _ got the trophy.", "option1": "Sarah", "option2": "Maria",
+                    "answer": "1"}],
+    "wsc273": [{"text": "The city councilmen refused the demonstrators a permit because they feared violence.",
+                "pronoun": "they", "pronoun_loc": 63, "quote": "they feared violence", "quote_loc": 63,
+                "options": ["The city councilmen", "The demonstrators"], "label": 0, "source": "(Winograd 1972)"},
+               {"text": "Joan made sure to thank Susan for all the help she had given.", "pronoun": "she",
+                "pronoun_loc": 47, "quote": "she had given", "quote_loc": 47, "options": ["Joan", "Susan"],
+                "label": 1, "source": "(Hirst 1981)"},
+               {"text": "The man lifted the boy onto his shoulders.", "pronoun": "his", "pronoun_loc": 28, "quote": "his shoulders",
+                "quote_loc": 28, "options": ["The man", "The boy"], "label": 0, "source": "x"}],
+    "logiqa": [{"label": "b", "context": "All cats purr.", "question": "Which follows?",
+                "options": ["Dogs purr.", "A cat purrs.", "Nothing.", "Cats bark."]}],
+    "hellaswag": [{"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow.",
+                   "ctx_b": "then", "ctx": "...", "endings": ["a [title] ends.", "b ends.", "c ends.", "d ends."],
+                   "source_id": "x", "split": "val", "split_type": "indomain", "label": "3"}],
+    "lambada": [{"text": "The quick brown fox jumps"}],
+}
+
+
+def redirect_hub(tmp_path: Path, monkeypatch) -> list:
+    """datasets.load_dataset redirected from each task's hub name to a local json file of HUB_ROWS;
+    returns the list of (path, name, split) it is asked for."""
+    import datasets
+
+    from memoryformer.evaluation.tasks import HUB
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    files = {}
+    for task, rows in HUB_ROWS.items():
+        files[(HUB[task].path, HUB[task].name)] = write_jsonl(tmp_path / "hub" / f"{task}.jsonl", rows)
+    real, asked = datasets.load_dataset, []
+
+    def load_dataset(path, name=None, *args, split=None, data_files=None, **kwargs):
+        if (path, name) not in files:  # a local dataset (lm-eval's YAMLs): load it as asked
+            return real(path, name, *args, split=split, data_files=data_files, **kwargs)
+        asked.append((path, name, split))
+        return real("json", data_files={split: str(files[(path, name)])}, split=split,
+                    cache_dir=str(tmp_path / "cache"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return asked
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    return redirect_hub(tmp_path, monkeypatch)
+
+
+def test_hub_loader_reads_a_local_file_given_as_the_dataset_path(tmp_path, monkeypatch):
+    import datasets
+
+    from memoryformer.evaluation.tasks import load_hub_docs
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    file = write_jsonl(tmp_path / "piqa.jsonl", HUB_ROWS["piqa"])
+    docs = load_hub_docs("piqa", dataset_path="json", data_files={"validation": str(file)})
+    assert docs == HUB_ROWS["piqa"]
+    assert load_hub_docs("piqa", dataset_path="json", data_files={"validation": str(file)}, limit=1) == docs[:1]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"goal": "g", "sol1": "a", "label": 0}])
+    with pytest.raises(TaskFormatError, match=r"json .*bad.jsonl.*:1: missing field 'sol2'"):
+        load_hub_docs("piqa", dataset_path="json", data_files={"validation": str(bad)})
+
+
+def test_hub_rows_give_lm_eval_s_requests(local_hub):
+    """Every task's hub layout, as lm-eval's own task configs turn it into (context, continuation)."""
+    from memoryformer.evaluation.tasks import HUB, load_hub_docs
+
+    items = {task: [get_task(task).to_item(doc) for doc in load_hub_docs(task)] for task in HUB_ROWS}
+    assert {(path, name) for path, name, _ in local_hub} == {(HUB[t].path, HUB[t].name) for t in HUB_ROWS}
+    assert items["piqa"][1].requests == (("Question: Find a dog\nAnswer:", " Ask the fox."),
+                                         ("Question: Find a dog\nAnswer:", " Look for it."))
+    assert items["piqa"][1].gold == 1
+    assert items["arc_easy"][0].requests[0] == ("Question: Which is a planet?\nAnswer:", " Mars")
+    assert items["winogrande"][0].requests[1] == ("Sarah beat Maria so Maria", " got the trophy.")
+    # lm-eval's wsc273: options lower-cased mid-sentence; the target is the text after the pronoun
+    wsc = items["wsc273"]
+    head = "The city councilmen refused the demonstrators a permit because "
+    assert wsc[0].requests == ((head + "the city councilmen", "  feared violence."),
+                               (head + "the demonstrators", "  feared violence."))
+    assert wsc[1].requests[1] == ("Joan made sure to thank Susan for all the help Susan", "  had given.")
+    assert wsc[1].gold == 1
+    assert wsc[2].requests[0] == ("The man lifted the boy onto the man's", "  shoulders.")  # possessive
+    assert items["logiqa"][0].gold == 1 and items["logiqa"][0].requests[0][1] == " Dogs purr."
+    hella = items["hellaswag"][0]
+    assert hella.requests[0] == ("Removing ice from car: Then, the man writes over the snow. Then", " a. ends.")
+    assert hella.gold == 3
+    assert items["lambada"][0] == Completion("The quick brown fox", " jumps")
+
+
+def test_eval_without_local_data_uses_the_hub_datasets(local_hub, tmp_path, capsys):
+    from memoryformer import cli
+
+    out = tmp_path / "lm"
+    assert cli.main(["eval", "--write-lm-eval-tasks", str(out), "--task", "piqa,wsc273"]) == 0
+    assert [(p, s) for p, _, s in local_hub] == [("baber/piqa", "validation"), ("lighteval/winograd_wsc", "test")]
+    assert sorted(p.name for p in out.glob("*.yaml")) == ["mf_piqa.yaml", "mf_wsc273.yaml"]
+    written = [json.loads(line) for line in (out / "mf_piqa.jsonl").read_text().splitlines()]
+    assert written == HUB_ROWS["piqa"]
+
+
+def test_hub_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    from memoryformer.evaluation.tasks import load_hub_docs
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"cannot load baber/piqa, validation split .*offline, pass --data FILE"):
+        load_hub_docs("piqa")

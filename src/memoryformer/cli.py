@@ -59,11 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
-        if os.environ.get("MEMORYFORMER_TRACEBACK"):
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get("MEMORYFORMER_TRACEBACK"):
             raise
-        print(f"memoryformer {args.verb}: error: {err}", file=sys.stderr)
+        print(f"memoryformer {args.verb}: error: {one_line(err)}", file=sys.stderr)
         return 1
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors a user's input or machine causes (bad values, paths, files, devices, memory): printed as
+    one line. Anything else is a bug and keeps its traceback."""
+    import pickle
+
+    user = (ValueError, OSError, TypeError, RuntimeError, MemoryError, pickle.UnpicklingError)
+    return isinstance(err, user) or type(err).__module__.split(".")[0] == "safetensors"
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line. An unpickling refusal keeps only what was refused: torch's
+    hint to retry with weights_only=False would run whatever code the file holds."""
+    import pickle
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, pickle.UnpicklingError):
+        detail = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), "")
+        return ("refused to load a file that holds Python objects other than tensors (unpickling it could run "
+                "arbitrary code)" + (f": {detail}" if detail else ""))
+    if not lines:
+        return type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`memoryformer eval`: zero-shot tasks and perplexity of a trained model; lm-eval task export.
 
-    memoryformer eval --model runs/mf-tiny --task piqa,arc_easy --data-root tasks
+    memoryformer eval --model runs/mf-tiny --task paper                      # the tasks' Hugging Face datasets
+    memoryformer eval --model runs/mf-tiny --task piqa,arc_easy --data-root tasks     # local files, offline
     memoryformer eval --model runs/mf-tiny --task piqa --data piqa/valid.jsonl --ppl book.txt --json
-    memoryformer eval --write-lm-eval-tasks lm_eval_tasks --data-root tasks
+    memoryformer eval --write-lm-eval-tasks lm_eval_tasks --task paper
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task(s) to score, repeatable or comma-separated; 'paper' = the paper's six, "
                              "'all' = every task (see --list-tasks)")
     parser.add_argument("--data", action="append", default=[], metavar="PATH",
-                        help="data file of each --task, in the same order (repeatable or comma-separated)")
+                        help="data file of each --task, in the same order (repeatable or comma-separated); "
+                             "without --data or --data-root, the tasks' Hugging Face datasets are loaded")
     parser.add_argument("--data-root", metavar="DIR",
                         help="folder of task files (one sub-folder per task, see docs/training.md), for tasks without --data")
     parser.add_argument("--ppl", action="append", default=[], metavar="FILE",
@@ -32,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N examples of each task")
     parser.add_argument("--max-length", type=int, metavar="N",
                         help="model context in tokens (default: the model's max_seq_len)")
-    parser.add_argument("--device", help="device to run on (default: where the model was loaded)")
+    parser.add_argument("--device", help="device to run on: cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("--force", action="store_true",
+                        help="load the model even when the memory estimate says it will not fit")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--write-lm-eval-tasks", metavar="DIR",
@@ -69,8 +73,8 @@ def _split(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def resolve_tasks(args: argparse.Namespace) -> dict[str, Path]:
-    """{task name: data file} from --task, --data and --data-root, with clear errors."""
+def resolve_tasks(args: argparse.Namespace) -> dict[str, Path | None]:
+    """{task name: data file, or None for its Hugging Face dataset} from --task, --data and --data-root."""
     from memoryformer.evaluation.tasks import PAPER_TASKS, TASKS, get_task, task_path
 
     names: list[str] = []
@@ -81,43 +85,55 @@ def resolve_tasks(args: argparse.Namespace) -> dict[str, Path]:
     if data and len(data) != len(names):
         raise ValueError(f"got {len(data)} --data file(s) for {len(names)} task(s) ({', '.join(names)}); "
                          "give one --data per --task, in the same order, or use --data-root")
-    if not data and names and args.data_root is None:
-        raise ValueError("say where the task data is: --data PATH for each --task, or --data-root DIR")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise FileNotFoundError(f"--data-root {args.data_root} is not a directory")
+    if not data and args.data_root is None:
+        return dict.fromkeys(names)  # each task's Hugging Face dataset (memoryformer.evaluation.tasks.hub)
     paths = {name: task_path(name, data[i] if data else None, args.data_root) for i, name in enumerate(names)}
     for name, path in paths.items():
+        if path.is_dir():
+            raise IsADirectoryError(f"data file for task {name!r} is a directory: {path}")
         if not path.is_file():
             raise FileNotFoundError(f"data file for task {name!r} not found: {path}")
     return paths
 
 
+def load_docs_of(tasks: dict[str, Path | None], limit: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Each task's docs, from its file or (None) its Hugging Face dataset."""
+    from memoryformer.evaluation.tasks import load_docs, load_hub_docs
+
+    return {name: load_hub_docs(name, limit=limit) if path is None else load_docs(name, path, limit=limit)
+            for name, path in tasks.items()}
+
+
 def run(args: argparse.Namespace) -> int:
-    from memoryformer.evaluation.tasks import TASKS, load_task, write_lm_eval_tasks
+    from memoryformer.evaluation.tasks import get_task, write_lm_eval_tasks
 
     if args.list_tasks:
-        for name, info in TASKS.items():
-            print(f"{name:<14} {'paper' if info.in_paper else '':<6} {info.default_path:<40} {', '.join(info.metrics)}")
-        return 0
+        return list_tasks()
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size and --limit must be >= 1")
-    paths = resolve_tasks(args)
+    tasks = resolve_tasks(args)
+    if args.model is None and not args.write_lm_eval_tasks:
+        raise ValueError("--model DIR is needed to score tasks or perplexity")
+    if args.model is not None and not tasks and not args.ppl:
+        raise ValueError("nothing to evaluate: give --task NAME (its Hugging Face dataset, or --data / "
+                         "--data-root for local files) and/or --ppl FILE")
+    for file in args.ppl:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"--ppl file not found (or not a file): {file}")
+    docs = load_docs_of(tasks, args.limit)
     if args.write_lm_eval_tasks:
-        if paths:
-            written = write_lm_eval_tasks(args.write_lm_eval_tasks, paths, limit=args.limit)
-        else:
-            written = write_lm_eval_tasks(args.write_lm_eval_tasks, data_root=args.data_root, limit=args.limit)
+        if not docs and args.data_root is None:
+            raise ValueError("--write-lm-eval-tasks: name the tasks with --task (e.g. --task paper)")
+        written = write_lm_eval_tasks(args.write_lm_eval_tasks, docs or None, data_root=args.data_root,
+                                      limit=args.limit)
         print(f"wrote {len(written)} lm-eval task(s) to {args.write_lm_eval_tasks}: {', '.join(written)}\n"
               f"run: lm_eval --include_path {args.write_lm_eval_tasks} --tasks {','.join(written)} ...",
               file=sys.stderr if args.json else sys.stdout)
         if args.model is None:
             return 0
-    if args.model is None:
-        raise ValueError("--model DIR is needed to score tasks or perplexity")
-    if not paths and not args.ppl:
-        raise ValueError("nothing to evaluate: give --task (with --data or --data-root) and/or --ppl FILE")
-    for file in args.ppl:
-        if not Path(file).is_file():
-            raise FileNotFoundError(f"--ppl file not found: {file}")
-    items = {name: load_task(name, path, limit=args.limit) for name, path in paths.items()}
+    items = {name: [get_task(name).to_item(doc) for doc in task_docs] for name, task_docs in docs.items()}
 
     scorer = build_scorer(args)
     results: dict[str, Any] = {"model": str(args.model), "tasks": {}, "perplexity": {}}
@@ -132,15 +148,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def list_tasks() -> int:
+    """One line per task: name, whether the paper reports it, its local file, its hub dataset, metrics."""
+    from memoryformer.evaluation.tasks import HUB, TASKS
+
+    for name, info in TASKS.items():
+        print(f"{name:<14} {'paper' if info.in_paper else '':<6} {info.default_path:<38} "
+              f"{HUB[name].describe():<48} {', '.join(info.metrics)}")
+    return 0
+
+
 def build_scorer(args: argparse.Namespace):
     """Load --model and wrap it in a `Scorer` with the CLI's settings."""
     import torch
 
     from memoryformer.evaluation.evaluate import Scorer
+    from memoryformer.train.distributed import resolve_device
+    from memoryformer.train.memory import check_inference_memory
 
-    model, tokenizer = load_model_for_eval(args.model, args.device)
+    device = resolve_device(args.device or "cpu")
+    check_inference_memory(args.model, device, batch_size=args.batch_size, seq_len=args.max_length,
+                           force=args.force)
+    model, tokenizer = load_model_for_eval(args.model, device)
     model.eval()
-    device = args.device or next(model.parameters()).device
     max_length = args.max_length or getattr(getattr(model, "config", None), "max_seq_len", None)
     if max_length is None:
         raise ValueError("the model does not say its context length: pass --max-length N")

@@ -24,19 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not write modeling_memoryformer.py / auto_map (loading then needs "
                              "`import memoryformer.integrations.hf`)")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the saved weights (default: keep their dtype)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --out directory (the new one is complete before the old one goes)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from memoryformer.integrations.hf import load_any, save_pretrained
+    from memoryformer.integrations.hf import load_any, save_pretrained_atomic
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"--out {out} is not empty; choose another directory or pass --force")
+        raise ValueError(f"--out {out} is not empty; choose another directory or pass --force to replace it")
     model, tokenizer = load_any(args.source)
     architecture = model.config.architecture
     if args.format == "gpt-neox" and architecture != "pythia":
@@ -45,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print(f"note: {args.source} has no tokenizer.json; the export has no tokenizer either", file=sys.stderr)
     native = architecture == "pythia" and args.format != "memoryformer"
-    save_pretrained(model, out, tokenizer, native_neox=native, remote_code=not args.no_remote_code,
-                    dtype=getattr(torch, args.dtype) if args.dtype else None)
+    save_pretrained_atomic(model, out, tokenizer, replace=args.force, native_neox=native,
+                           remote_code=not args.no_remote_code,
+                           dtype=getattr(torch, args.dtype) if args.dtype else None)
     kind = "GPTNeoXForCausalLM" if native else "MemoryFormerForCausalLM"
     print(f"wrote {kind} to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", file=sys.stderr)
     return 0

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from memoryformer.core.config import PRESETS
+from memoryformer.core.config import PRESETS, ModelConfig
 from memoryformer.research import flops
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"unknown preset(s) {unknown}; choose from: {', '.join(PRESETS)}")
+    if args.plot:
+        check_plot_path(args.plot)
     dtype = DTYPES[args.dtype]
     rows = [_row(name, args.seq_len, dtype, with_params=not args.no_params) for name in args.presets]
     plotted = flops.plot_figure1(args.plot) if args.plot else None  # None without matplotlib (warned)
@@ -52,11 +56,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_plot_path(path: str) -> None:
+    """--plot must name an image file (.png, .pdf, .svg) in an existing folder."""
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--plot {path} is a directory; give a file name such as {file / 'figure1.png'}")
+    if file.suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {path}: give an image file name ending in {', '.join(PLOT_SUFFIXES)}")
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"--plot {path}: folder {file.parent} does not exist")
+
+
 def _row(name: str, seq_len: int, dtype: torch.dtype, with_params: bool) -> dict[str, Any]:
     row = flops.flops_report(name, seq_len)
     if with_params:
         row["params"] = flops.model_breakdown(name).to_dict(dtype)
+        row["memory"] = _memory(name, seq_len)
     return row
+
+
+def _memory(name: str, seq_len: int) -> dict[str, dict[str, int]]:
+    """Bytes to load the preset (fp32 weights) and to train it at batch 1 (memoryformer.train.memory)."""
+    from memoryformer.train.memory import estimate_memory
+
+    config = ModelConfig.from_preset(name)
+    return {"inference": estimate_memory(config, seq_len=seq_len).to_dict(),
+            "training_batch_1": estimate_memory(config, training=True, batch_size=1, seq_len=seq_len).to_dict()}
 
 
 def _g(x: float) -> str:
@@ -103,6 +128,18 @@ def _print_tables(rows: list[dict[str, Any]], seq_len: int, dtype_name: str) -> 
             _m(p["embedding"] + p["head"]), f"{p['norms']:,}", f"{p['biases']:,}",
             f"{b['bytes']['tables'] / 1e6:.1f} MB", f"{p['bytes']['total'] / 1e9:.2f} GB",
         ])
+    _print_grid(table)
+    _print_memory(rows, seq_len)
+
+
+def _print_memory(rows: list[dict[str, Any]], seq_len: int) -> None:
+    print("\nMemory estimate in GiB (memoryformer.train.memory: `train`, `eval` and `generate` check it first):")
+    print(f"  fp32 weights; training one sequence of {seq_len} tokens adds gradients, AdamW state, activations.")
+    table = [["preset", "weights", "inference", "train b=1", "gradients", "AdamW", "activations"]]
+    for r in rows:
+        inf, tr = r["memory"]["inference"], r["memory"]["training_batch_1"]
+        table.append([r["name"], *(f"{v / 2**30:.2f}" for v in (
+            inf["weights"], inf["total"], tr["total"], tr["gradients"], tr["optimizer"], tr["activations"]))])
     _print_grid(table)
 
 

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tables", choices=["bf16", "int8"],
                         help="MemoryFormer tables in lower precision (memoryformer.inference.quantize; docs/precision.md)")
     parser.add_argument("--head", choices=["bf16", "int8"], help="the LM head in lower precision")
+    parser.add_argument("--force", action="store_true",
+                        help="load the model even when the memory estimate says it will not fit")
 
 
 class StreamPrinter:
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from memoryformer.inference.pages import use_huge_pages
     from memoryformer.inference.quantize import quantize_model
     from memoryformer.integrations.hf import check_tokenizer, load_any
+    from memoryformer.train.distributed import resolve_device
+    from memoryformer.train.memory import check_inference_memory
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_inference_memory(args.model, device, force=args.force)
     model, tokenizer = load_any(args.model, device=device)
     if args.tables or args.head:
         model = quantize_model(model, tables=args.tables, head=args.head)

@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--force", action="store_true",
+                        help="train even when the memory estimate says the model will not fit")
 
 
 def _configs(args: argparse.Namespace):
@@ -155,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     from memoryformer.train.signals import exit_code
 
     model_config, train_config, data_dir = _configs(args)
+    from memoryformer.train.memory import check_training_memory  # before building: refuse what cannot fit
+
+    check_training_memory(model_config, train_config.batch_size, train_config.seq_len, train_config.device,
+                          fsdp=bool(train_config.fsdp), force=args.force)
     try:
         result = train(model_config, train_config, data_dir, args.out, resume=args.resume,
                        progress=not args.no_progress)

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from memoryformer.evaluation.tasks import Completion, Item, MultipleChoice, get_task
+from memoryformer.progress import Progress
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # idx (batch, seq) long -> logits (batch, seq, vocab)
 Encoder = Callable[[str], list[int]]
@@ -133,7 +133,7 @@ class Scorer:
                      if len(k) > self.max_length else (c, k) for c, k in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        bar = tqdm(total=len(pairs), desc=desc, disable=not self.progress, leave=False)
+        bar = Progress(total=len(pairs), desc=desc, unit="requests", enabled=self.progress)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             inputs = [(list(pairs[i][0]) + list(pairs[i][1]))[-(self.max_length + 1):][:-1] for i in chunk]
@@ -149,7 +149,7 @@ class Scorer:
                 token_logprobs = rows.gather(-1, continuation[:, None]).squeeze(-1)
                 greedy = bool((rows.argmax(-1) == continuation).all())
                 results[index] = (float(token_logprobs.sum()), greedy)
-            bar.update(len(chunk))
+            bar.update(len(chunk), tokens=sum(len(x) for x in inputs))
         bar.close()
         return results
 
@@ -291,7 +291,7 @@ def perplexity(logits_fn: LogitsFn, tokens: Sequence[int], *, max_length: int, s
         start, end = end, min(end + stride, len(seq))
         windows.append((end - 1 - max_length, start, end))
     nll = 0.0
-    bar = tqdm(total=len(seq) - 1, desc="perplexity", disable=not progress, leave=False)
+    bar = Progress(total=len(seq) - 1, desc="perplexity", unit="tokens", enabled=progress)
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         width = max(e - 1 - a for a, _, e in chunk)
@@ -306,7 +306,7 @@ def perplexity(logits_fn: LogitsFn, tokens: Sequence[int], *, max_length: int, s
             targets = torch.tensor(seq[s:e], dtype=torch.long, device=logprobs.device)
             rows = logprobs[row, s - 1 - a:e - 1 - a]
             nll -= float(rows.gather(-1, targets[:, None]).sum())
-            bar.update(e - s)
+            bar.update(e - s, tokens=e - s)
     bar.close()
     count = len(seq) - 1
     out = {"tokens": count, "nll": nll, "loss": nll / count, "perplexity": math.exp(nll / count)}

@@ -22,306 +22,37 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import inspect
+import errno
 import json
-import re
+import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from memoryformer.core.config import ModelConfig
-from memoryformer.core.model import KVCache, LanguageModel
+from memoryformer.core.model import LanguageModel
+from memoryformer.integrations.hf_model import (  # noqa: F401  (re-exported)
+    MemoryFormerCache,
+    MemoryFormerConfig,
+    MemoryFormerForCausalLM,
+)
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HF_MODEL_TYPES = ("memoryformer", "gpt_neox")
 REMOTE_CODE_FILE = "modeling_memoryformer.py"
 
-# The classes between the markers are also written, with config.py, layer.py and model.py, into the
-# self-contained modeling file of exported directories (`remote_code_source`). They may use only the
-# names imported in _REMOTE_HEADER and those three modules' names.
-# <remote-code>
-_HF_NAMES = {"temperature": "hash_temperature", "tie_embeddings": "tie_word_embeddings"}
-# transformers' own output field for the cache: `cache` from 5.2x, `past_key_values` before
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-class MemoryFormerConfig(PretrainedConfig):
-    """transformers config holding every `ModelConfig` field under the same name, except
-    `temperature` (hash_temperature: `temperature` is a generation setting in transformers) and
-    `tie_embeddings` (tie_word_embeddings). Standard names (hidden_size, num_hidden_layers,
-    num_attention_heads, max_position_embeddings) are aliases of d_model, n_layers, n_heads, max_seq_len."""
-
-    model_type = "memoryformer"
-    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers",
-                     "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}
-
-    def __init__(self, **kwargs: Any) -> None:
-        for f in dataclasses.fields(ModelConfig):
-            name = _HF_NAMES.get(f.name, f.name)
-            if name != "tie_word_embeddings":  # a transformers setting: given to the base class
-                setattr(self, name, kwargs.pop(name, f.default))
-        kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(**kwargs)
-
-    @classmethod
-    def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> MemoryFormerConfig:
-        fields = {_HF_NAMES.get(k, k): v for k, v in config.to_dict().items()}
-        return cls(**fields, **kwargs)
-
-    def to_model_config(self) -> ModelConfig:
-        return ModelConfig(**{f.name: getattr(self, _HF_NAMES.get(f.name, f.name))
-                              for f in dataclasses.fields(ModelConfig)})
-
-
-class MemoryFormerCache:
-    """Past keys and values for `MemoryFormerForCausalLM`: one `KVCache` for the whole batch, or one
-    per row when the batch is padded (each row then keeps only its real tokens). Capacity grows on
-    demand (doubling, at most max_seq_len). `columns` counts the input positions consumed so far,
-    padding included, which is what `generate` calls the past length."""
-
-    is_compileable = False
-    is_croppable = False
-    is_linear = (False,)
-
-    def __init__(self, config: ModelConfig, batch_size: int, *, per_row: bool,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.config, self.per_row, self.device, self.dtype = config, per_row, device, dtype
-        self.kv = [self._new(1 if per_row else batch_size, 0) for _ in range(batch_size if per_row else 1)]
-        self.columns = 0
-
-    def _new(self, batch: int, capacity: int) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layers, batch, c.n_heads, capacity, c.head_dim, device=self.device, dtype=self.dtype)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.columns
-
-    def reserve(self, index: int, new_tokens: int) -> KVCache:
-        """The KVCache of row `index` (0 for a batch cache), grown to hold `new_tokens` more."""
-        cache = self.kv[index]
-        needed = cache.length + new_tokens
-        if needed > cache.max_len:
-            capacity = max(needed, min(2 * cache.max_len, self.config.max_seq_len), 16)
-            grown = self._new(cache.keys[0].shape[0], capacity)
-            for layer in range(len(cache.keys)):
-                grown.keys[layer][:, :, :cache.length] = cache.keys[layer][:, :, :cache.length]
-                grown.values[layer][:, :, :cache.length] = cache.values[layer][:, :, :cache.length]
-            grown.length = cache.length
-            self.kv[index] = cache = grown
-        return cache
-
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        """Keep the rows `beam_idx` (B,) in that order (beam search)."""
-        if self.per_row:
-            old = self.kv
-            self.kv = []
-            for i in beam_idx.tolist():
-                row = self._new(1, old[i].max_len)
-                row.keys = [k.clone() for k in old[i].keys]
-                row.values = [v.clone() for v in old[i].values]
-                row.length = old[i].length
-                self.kv.append(row)
-        else:
-            cache = self.kv[0]
-            index = beam_idx.to(cache.keys[0].device)
-            cache.keys = [k.index_select(0, index) for k in cache.keys]
-            cache.values = [v.index_select(0, index) for v in cache.values]
-
-
-class MemoryFormerForCausalLM(PreTrainedModel, GenerationMixin):
-    """Our `LanguageModel` (either architecture) as a transformers causal LM; weights live under
-    `model.` (model.embed.weight, model.blocks.0..., model.head.weight)."""
-
-    config_class = MemoryFormerConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    _no_split_modules = ["MemoryFormerBlock", "PythiaBlock"]
-    _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
-    _supports_sdpa = True
-
-    def __init__(self, config: MemoryFormerConfig, language_model: LanguageModel | None = None) -> None:
-        super().__init__(config)
-        self.model = language_model if language_model is not None else LanguageModel(config.to_model_config())
-        self.post_init()
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        """LanguageModel initialises its own weights (small_init, wang_init, table init)."""
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # our own MemoryFormerCache is made by forward, not a transformers DynamicCache
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.model.embed
-
-    def set_input_embeddings(self, value: torch.nn.Module) -> None:
-        self.model.embed = value
-
-    def get_output_embeddings(self) -> torch.nn.Module:
-        return self.model.head
-
-    def set_output_embeddings(self, value: torch.nn.Module) -> None:
-        self.model.head = value
-
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: MemoryFormerCache | None = None,
-                past_key_values: MemoryFormerCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, use_cache: bool | None = None,
-                return_dict: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs: Any) -> CausalLMOutputWithPast | tuple:
-        """input_ids (B, T) -> logits (B, T, vocab) (the last `logits_to_keep` positions if > 0).
-
-        attention_mask (B, past + T): 1 for real tokens, 0 for padding. Positions are counted over real
-        tokens only, so position_ids are not read. A cache (`cache` or `past_key_values`) holds the
-        past; `use_cache=True` without one starts one. labels (B, T) give the shifted next-token loss
-        (-100 ignored)."""
-        if inputs_embeds is not None:
-            raise ValueError("MemoryFormerForCausalLM takes input_ids, not inputs_embeds")
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError("input_ids of shape (batch, seq) are required")
-        cache = cache if cache is not None else past_key_values
-        if cache is not None and not isinstance(cache, MemoryFormerCache):
-            raise TypeError(f"MemoryFormerForCausalLM keeps its past in a MemoryFormerCache, got "
-                            f"{type(cache).__name__}; let generate() make it (no cache_implementation)")
-        B, T = input_ids.shape
-        new_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-                raise ValueError(f"attention_mask must be (batch, past + seq), got {tuple(attention_mask.shape)} "
-                                 f"for input_ids {tuple(input_ids.shape)}")
-            new_mask = attention_mask[:, -T:].to(torch.bool)
-            if bool(new_mask.all()):
-                new_mask = None
-        if use_cache is None:
-            use_cache = cache is not None
-        if use_cache and cache is None:
-            ref = self.model.head.weight
-            cache = MemoryFormerCache(self.model.config, B, per_row=new_mask is not None,
-                                      device=ref.device, dtype=ref.dtype)
-        keep = logits_to_keep if isinstance(logits_to_keep, int) else None
-        if (cache is not None and cache.per_row) or (cache is None and new_mask is not None):
-            logits = self._forward_rows(input_ids, new_mask, cache)
-        else:
-            if new_mask is not None:
-                raise ValueError("padding appeared after an unpadded first step; start a new cache")
-            kv = cache.reserve(0, T) if cache is not None else None
-            last_only = keep == 1 and labels is None
-            logits = self.model(input_ids, cache=kv, last_logits_only=last_only)[0]
-        if cache is not None:
-            cache.columns += T
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        if keep is None:
-            logits = logits[:, logits_to_keep]
-        elif keep > 0:
-            logits = logits[:, -keep:]
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
-        return out if return_dict is None or return_dict else out.to_tuple()
-
-    def _forward_rows(self, input_ids: torch.Tensor, new_mask: torch.Tensor | None,
-                      cache: MemoryFormerCache | None) -> torch.Tensor:
-        """Each row's real tokens through the model on their own; logits at padding are 0."""
-        B, T = input_ids.shape
-        logits = None
-        for row in range(B):
-            keep = new_mask[row] if new_mask is not None else torch.ones(T, dtype=torch.bool, device=input_ids.device)
-            ids = input_ids[row, keep][None]
-            if ids.shape[1] == 0:
-                continue
-            kv = cache.reserve(row, ids.shape[1]) if cache is not None else None
-            out = self.model(ids, cache=kv)[0][0]
-            if logits is None:
-                logits = out.new_zeros(B, T, out.shape[-1])
-            logits[row, keep] = out
-        if logits is None:
-            weight = self.model.head.weight
-            logits = weight.new_zeros(B, T, weight.shape[0])
-        return logits
-
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
-                                      cache: MemoryFormerCache | None = None,
-                                      past_key_values: MemoryFormerCache | None = None,
-                                      attention_mask: torch.Tensor | None = None,
-                                      inputs_embeds: torch.Tensor | None = None,
-                                      use_cache: bool | None = None, **kwargs: Any) -> dict[str, Any]:
-        """The tokens not yet in the cache, the full attention mask, and the cache."""
-        if inputs_embeds is not None:
-            raise ValueError("MemoryFormerForCausalLM.generate takes input_ids, not inputs_embeds")
-        cache = cache if cache is not None else past_key_values
-        if cache is not None:
-            input_ids = input_ids[:, cache.columns:]
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        return inputs
-# </remote-code>
-
-_REMOTE_HEADER = '''"""MemoryFormer for transformers (trust_remote_code): written by `memoryformer export`.
-
-Self-contained copy of memoryformer's config.py, layer.py, model.py and the transformers classes of
-hf.py. With the `memoryformer` package installed, `import memoryformer.integrations.hf` registers the same classes
-and trust_remote_code is not needed.
-"""
-
-from __future__ import annotations
-
-import dataclasses
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-
-class _NoKernels:
-    """Stands in for memoryformer.kernels: this copy has no C++ kernels, so every optional fast path
-    (`try_*`) declines with None and the pure-PyTorch reference runs."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("try_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(f"memoryformer.kernels.{name} is not part of the exported model code")
-'''
-
-_OWN_IMPORT = re.compile(r"^(?P<indent>[ \t]*)(?P<stmt>from memoryformer[\w.]* import (\([^)]*\)|.*)"
-                         r"|import memoryformer\S*.*)$", re.MULTILINE)
-_KERNELS_IMPORT = re.compile(r"^(from memoryformer import kernels|import memoryformer\.kernels) as (?P<name>\w+)")
-
-
-def _replace_own_import(match: re.Match) -> str:
-    """`from memoryformer import kernels as K` -> `K = _NoKernels()`; other memoryformer imports go
-    (their names are defined in the same file)."""
-    indent, stmt = match.group("indent"), match.group("stmt")
-    kernels = _KERNELS_IMPORT.match(stmt)
-    if kernels:
-        return f"{indent}{kernels.group('name')} = _NoKernels()  # was: {stmt}"
-    return f"{indent}pass  # was: {' '.join(stmt.split())}"
+REMOTE_CODE = Path(__file__).with_name(REMOTE_CODE_FILE)  # written by scripts/generate_remote_code.py
 
 
 def remote_code_source() -> str:
-    """The text of the self-contained `modeling_memoryformer.py` (config, layer, model, HF classes)."""
-    from memoryformer.core import config, layer, model, reference
-
-    parts = [_REMOTE_HEADER]
-    for module in (reference, config, layer, model):
-        text = inspect.getsource(module).replace("from __future__ import annotations\n", "")
-        text = _OWN_IMPORT.sub(_replace_own_import, text)
-        parts.append(f"\n# {'=' * 90}\n# memoryformer/{Path(module.__file__).name}\n# {'=' * 90}\n{text}")
-    own = inspect.getsource(sys.modules[__name__])
-    region = own.split("# <remote-code>\n", 1)[1].split("# </remote-code>\n", 1)[0]
-    parts.append(f"\n# {'=' * 90}\n# memoryformer/hf.py (transformers classes)\n# {'=' * 90}\n{region}")
-    source = "".join(parts)
-    compile(source, REMOTE_CODE_FILE, "exec")  # fail here, not at load time, if the assembly broke
-    return source
+    """The text of the self-contained `modeling_memoryformer.py` that exports carry (config, layer, model,
+    neox conversion, the transformers classes), checked in beside this module."""
+    return REMOTE_CODE.read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +188,66 @@ def save_pretrained(model: LanguageModel, out_dir: str | Path, tokenizer: Any = 
     return out
 
 
+def save_pretrained_atomic(model: LanguageModel, out_dir: str | Path, tokenizer: Any = None, *,
+                           replace: bool = False, **kwargs: Any) -> Path:
+    """`save_pretrained` into a temporary sibling of `out_dir`, renamed to `out_dir` once complete and
+    synced to disk: a full disk, an error or a kill never leaves a half-written directory. A non-empty
+    `out_dir` is refused unless `replace` (it is then swapped for the new one, whole)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not replace:
+        raise ValueError(f"--out {out} is not empty; choose another directory or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_pretrained(model, tmp, tokenizer, **kwargs)
+        _fsync_tree(tmp)
+        _swap_in(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ValueError(f"the disk holding {out.parent} is full: the export did not fit; "
+                             f"{out} is unchanged") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, and the folder itself, to disk."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; a non-empty `out` is moved aside first and removed after."""
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)  # onto nothing, or onto an empty directory
+    _fsync_dir(out.parent)
+
+
 def export(source: str | Path, out_dir: str | Path, *, native_neox: bool = True, remote_code: bool = True,
            dtype: torch.dtype | None = None) -> Path:
     """`memoryformer export`: a training run, checkpoint file or HF directory -> an HF directory."""
@@ -491,16 +282,60 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not is_hf_dir(path):
         raise ValueError(_not_a_checkpoint(path))
-    model_type = json.loads((path / "config.json").read_text())["model_type"]
-    with _no_progress_bars():
-        if model_type == "gpt_neox":
-            model = LanguageModel.from_hf_gpt_neox(str(path))
-        else:
-            model = MemoryFormerForCausalLM.from_pretrained(str(path)).model
+    model = _read_hf_model(path, json.loads((path / "config.json").read_text())["model_type"])
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.config, f"{path / 'tokenizer.json'}")
     return model.to(device).eval(), tokenizer
+
+
+def _read_hf_model(path: Path, model_type: str) -> LanguageModel:
+    """The LanguageModel of HF directory `path`; unreadable or unsafe weights are a ValueError naming them."""
+    import pickle
+
+    try:
+        with _no_progress_bars():
+            if model_type == "gpt_neox":
+                return LanguageModel.from_hf_gpt_neox(str(path))
+            return MemoryFormerForCausalLM.from_pretrained(str(path)).model
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "")
+        raise ValueError(f"{path}: the pickled weights hold Python objects other than tensors; refused, since "
+                         "unpickling them could run arbitrary code" + (f" ({detail})" if detail else "")) from None
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "safetensors":
+            raise
+        raise ValueError(f"{path}: the weights are not a readable safetensors file ({str(err).strip()}); "
+                         "export the model again") from None
+
+
+def peek_config(path: str | Path) -> ModelConfig | None:
+    """The `ModelConfig` of a model path (HF directory, training run, checkpoint or safetensors file),
+    read from its config.json or safetensors header without loading any weights. None when that small
+    file is missing or unreadable: loading the model then reports the real problem."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get("memoryformer_config")
+            if text is not None:
+                return ModelConfig.from_json(text)
+        if path.is_file():
+            path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        data = json.loads((path / "config.json").read_text())
+        if data.get("model_type") == "memoryformer":
+            return MemoryFormerConfig.from_dict(data).to_model_config()
+        if data.get("model_type") == "gpt_neox":
+            from transformers import GPTNeoXConfig
+
+            from memoryformer.integrations.neox import config_from_hf
+
+            return config_from_hf(GPTNeoXConfig.from_dict(data))
+        return ModelConfig.from_dict(data)
+    except Exception:  # noqa: BLE001  (a pre-check only: the loader raises the clear error)
+        return None
 
 
 def _not_a_checkpoint(path: Path) -> str:
@@ -573,9 +408,27 @@ def _lm_eval_class() -> type:
                 kwargs.update(device=device, dtype=dtype or "auto")
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, backend="causal", **kwargs)
 
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            """HFLM's, after refusing in one clear error what HFLM would refuse with a bare assert."""
+            check_continuations_fit(requests, self.max_length)
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
     MemoryFormerLM.__module__ = __name__
     _LM_EVAL_CLASS = MemoryFormerLM
     return MemoryFormerLM
+
+
+def check_continuations_fit(requests: list, max_length: int) -> None:
+    """Raise ValueError when an lm-eval request's continuation (((context, continuation), context ids,
+    continuation ids)) is longer than the model's context: lm-eval cannot score it (its HFLM asserts)."""
+    too_long = [req for req in requests if len(req[2]) > max_length]
+    if too_long:
+        longest = max(len(req[2]) for req in too_long)
+        raise ValueError(f"lm-eval cannot score {len(too_long)} request(s) whose continuation is longer than "
+                         f"the model's {max_length}-token context (up to {longest} tokens); leave those tasks out "
+                         f"(mf_piqa and mf_logiqa have such items for a 256-token model), or score them with "
+                         f"`memoryformer eval --task ...`, which keeps a continuation's last {max_length} tokens")
 
 
 def __getattr__(name: str) -> Any:
@@ -589,7 +442,14 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, OSError) as err:  # what a user can fix: one line, not lm-eval's traceback
+        if os.environ.get("MEMORYFORMER_TRACEBACK"):
+            raise
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"python -m memoryformer.hf: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # run through the package module, so only its classes are registered

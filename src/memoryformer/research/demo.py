@@ -14,9 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,11 @@ from typing import Any
 import torch
 
 from memoryformer.core.config import ModelConfig
+from memoryformer.progress import Progress
 
 ARMS = (("memoryformer", "mf-demo"), ("dense", "pythia-demo"))
+PROMPT = "def main():\n    "
+ARM_RECORD = "demo_arm.json"  # an arm's row, sample and curves once it has finished
 
 
 @dataclass
@@ -43,6 +50,7 @@ class DemoSettings:
     seed: int = 0
     model_overrides: dict[str, Any] | None = None  # e.g. smaller models for the smoke test
     progress: bool = True
+    command: str = "memoryformer demo"  # how the user started it: rerunning that resumes
 
 
 def prepare_default_data(settings: DemoSettings) -> Path:
@@ -92,54 +100,156 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+class DemoStopped(Exception):
+    """A stop signal (SIGINT, SIGTERM) ended the demo before both arms finished; rerunning resumes."""
+
+    def __init__(self, signum: int, where: str, command: str) -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} {where}; nothing is lost: run `{command}` again to continue "
+                         "(it resumes from the checkpoints)")
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt-like `_Terminated` outside training (train() handles its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived outside the training loop."""
+
+
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    """Both arms, then the summary; raises `DemoStopped` on SIGINT / SIGTERM, writing no summary."""
+    where = "while preparing the data"
+    try:
+        with _stop_on_sigterm():
+            out = Path(settings.out)
+            out.mkdir(parents=True, exist_ok=True)
+            data_dir = prepare_default_data(settings)
+            rows, results, samples = [], {}, {}
+            with Progress(total=len(ARMS), desc="demo", unit="arms", enabled=settings.progress) as bar:
+                for arm, preset in ARMS:
+                    where = f"while training the {arm} arm"
+                    row, res, sample = finished_arm(settings, arm) or run_arm(settings, arm, preset, data_dir)
+                    rows.append(row)
+                    results[arm], samples[arm] = res, sample
+                    bar.update(1, **{f"{arm} ppl": row["val_ppl"]})
+            where = "while writing the summary"
+            return write_summary(settings, rows, results, samples, data_dir)
+    except KeyboardInterrupt:
+        raise DemoStopped(signal.SIGINT, where, settings.command) from None
+    except _Terminated:
+        raise DemoStopped(signal.SIGTERM, where, settings.command) from None
+
+
+def run_arm(settings: DemoSettings, arm: str, preset: str, data_dir: Path) -> tuple[dict[str, Any], Curve, str]:
+    """Train one arm (resuming its run when there is one) and measure it: (summary row, TrainResult,
+    generated sample). A stop signal during training comes back as KeyboardInterrupt / `_Terminated`."""
     from memoryformer.data import TokenData
     from memoryformer.research.flops import forward_flops_per_token
     from memoryformer.train import TrainConfig, train
+    from memoryformer.train.checkpoint import atomic_write_text
 
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_default_data(settings)
     data = TokenData(data_dir)
     tokenizer = data.tokenizer()
-    results, rows, samples = {}, [], {}
-    prompt_text = "def main():\n    "
-    prompt = torch.tensor([tokenizer.encode(prompt_text).ids], dtype=torch.long)
-    for arm, preset in ARMS:
-        overrides = {"vocab_size": data.vocab_size, "max_seq_len": settings.seq_len,
-                     **(settings.model_overrides or {})}
-        cfg = ModelConfig.from_preset(preset, **overrides)
-        lr = settings.lr_memoryformer if arm == "memoryformer" else settings.lr_dense
-        tc = TrainConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, max_steps=settings.steps, lr=lr,
-                         warmup_frac=0.05, eval_every=settings.eval_every, eval_batches=0,
-                         ckpt_every=max(settings.steps // 2, 1), keep_last=1, log_every=10, seed=settings.seed,
-                         device="cpu", tensorboard=True)
-        print(f"\n== training {arm} ({preset}, lr {lr:g}) ==", flush=True)
-        res = train(cfg, tc, data_dir, out / arm, resume="auto", progress=settings.progress)
-        results[arm] = res
-        model = res.model.eval()
-        torch.manual_seed(settings.seed)
-        decode = decode_tokens_per_s(model, prompt, min(settings.decode_tokens, settings.seq_len - prompt.shape[1]))
-        sample = model.generate(prompt, min(60, settings.seq_len - prompt.shape[1]), temperature=0.8, top_k=50,
-                                generator=torch.Generator().manual_seed(settings.seed))
-        samples[arm] = tokenizer.decode(sample[0].tolist())
-        rows.append({
-            "arm": arm, "preset": preset,
-            "parameters": model.num_parameters(),
-            "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
-            "flops_per_token": forward_flops_per_token(cfg, settings.seq_len),
-            "lr": lr, "val_loss": res.val_loss, "val_ppl": res.val_ppl,
-            "train_tokens": res.tokens, "train_tokens_per_s": res.tokens_per_s, "decode_tokens_per_s": decode,
-        })
+    overrides = {"vocab_size": data.vocab_size, "max_seq_len": settings.seq_len, **(settings.model_overrides or {})}
+    cfg = ModelConfig.from_preset(preset, **overrides)
+    lr = settings.lr_memoryformer if arm == "memoryformer" else settings.lr_dense
+    tc = TrainConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, max_steps=settings.steps, lr=lr,
+                     warmup_frac=0.05, eval_every=settings.eval_every, eval_batches=0,
+                     ckpt_every=max(settings.steps // 2, 1), keep_last=1, log_every=10, seed=settings.seed,
+                     device="cpu", tensorboard=True)
+    print(f"\n== training {arm} ({preset}, lr {lr:g}) ==", flush=True)
+    res = train(cfg, tc, data_dir, Path(settings.out) / arm, resume="auto", progress=settings.progress,
+                resume_hint=f"run `{settings.command}` again to continue")
+    if res.interrupted:
+        raise _Terminated if res.interrupted == "SIGTERM" else KeyboardInterrupt
+    if not res.finished:
+        raise RuntimeError(f"the {arm} arm stopped at step {res.step} of {settings.steps} without a stop signal")
+    model = res.model.eval()
+    prompt = torch.tensor([tokenizer.encode(PROMPT).ids], dtype=torch.long)
+    room = settings.seq_len - prompt.shape[1]
+    torch.manual_seed(settings.seed)
+    decode = decode_tokens_per_s(model, prompt, min(settings.decode_tokens, room))
+    sample = model.generate(prompt, min(60, room), temperature=0.8, top_k=50,
+                            generator=torch.Generator().manual_seed(settings.seed))
+    row = {
+        "arm": arm, "preset": preset,
+        "parameters": model.num_parameters(),
+        "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "flops_per_token": forward_flops_per_token(cfg, settings.seq_len),
+        "lr": lr, "val_loss": res.val_loss, "val_ppl": res.val_ppl,
+        "train_tokens": res.tokens, "train_tokens_per_s": res.tokens_per_s, "decode_tokens_per_s": decode,
+    }
+    text = tokenizer.decode(sample[0].tolist())
+    curve = Curve(res.losses, res.evals)
+    record = {"settings": arm_settings(settings), "row": row, "sample": text, "losses": curve.losses,
+              "evals": curve.evals}
+    atomic_write_text(Path(settings.out) / arm / ARM_RECORD, json.dumps(record, indent=2) + "\n")
+    return row, curve, text
+
+
+@dataclass
+class Curve:
+    """One arm's training losses (one per step) and validation results, as the loss plot reads them."""
+
+    losses: list[float]
+    evals: list[dict[str, float]]
+
+    @property
+    def steps(self) -> list[int]:
+        return list(range(1, len(self.losses) + 1))
+
+
+def arm_settings(settings: DemoSettings) -> dict[str, Any]:
+    """The settings that decide an arm's result: a finished arm is reused only when they are the same."""
+    return {k: v for k, v in settings.__dict__.items() if k not in ("progress", "command", "out")}
+
+
+def finished_arm(settings: DemoSettings, arm: str) -> tuple[dict[str, Any], Curve, str] | None:
+    """(row, curve, sample) of an arm a previous run finished with the same settings, else None."""
+    file = Path(settings.out) / arm / ARM_RECORD
+    if not file.is_file():
+        return None
+    record = json.loads(file.read_text())
+    if record.get("settings") != json.loads(json.dumps(arm_settings(settings))):
+        return None
+    print(f"\n== {arm}: finished by an earlier run with the same settings ({file}) ==", flush=True)
+    return record["row"], Curve(record["losses"], record["evals"]), record["sample"]
+
+
+def write_summary(settings: DemoSettings, rows: list[dict[str, Any]], results: dict[str, Any],
+                  samples: dict[str, str], data_dir: Path) -> dict[str, Any]:
+    """summary.json, summary.md and loss_curves.png of finished arms (all trained the same tokens)."""
+    from memoryformer.train.checkpoint import atomic_write_text
+
+    tokens = {row["arm"]: row["train_tokens"] for row in rows}
+    if len(set(tokens.values())) != 1:
+        raise RuntimeError(f"the arms saw different numbers of training tokens ({tokens}); not comparable")
+    out = Path(settings.out)
     png = plot_losses(results, out / "loss_curves.png")
-    summary = {"settings": settings.__dict__, "rows": rows, "samples": samples, "plot": str(png),
-               "data": str(data_dir), "torch_threads": torch.get_num_threads()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = {"settings": {k: v for k, v in settings.__dict__.items() if k != "command"}, "rows": rows,
+               "samples": samples, "plot": str(png), "data": str(data_dir),
+               "torch_threads": torch.get_num_threads()}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = format_table(rows)
-    (out / "summary.md").write_text(table + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
     print("\n" + table)
     for arm, text in samples.items():
-        print(f"\n--- sample from {arm} (prompt {prompt_text!r}) ---\n{text}")
+        print(f"\n--- sample from {arm} (prompt {PROMPT!r}) ---\n{text}")
     print(f"\nrun directory: {out}  (loss curves: {png})")
     return summary
 

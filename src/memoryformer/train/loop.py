@@ -55,9 +55,11 @@ class Trainer:
     """One call of train(): the model, optimizer, data position and logs of a run, and its phases."""
 
     def __init__(self, model_config: ModelConfig, tc: TrainConfig, data, out: Path, env: D.DistEnv, *,
-                 make_model: Callable[[], nn.Module], on_eval: OnEval | None, progress: bool, verbose: bool) -> None:
+                 make_model: Callable[[], nn.Module], on_eval: OnEval | None, progress: bool, verbose: bool,
+                 resume_hint: str = "continue with --resume") -> None:
         self.model_config, self.tc, self.data, self.out, self.env = model_config, tc, data, out, env
         self.make_model, self.on_eval, self.verbose = make_model, on_eval, verbose
+        self.resume_hint = resume_hint  # how the stop line tells the user to continue
         self.device = env.device
         self.precision = tc.resolved_precision(self.device)
         self.sharded = tc.fsdp and env.distributed
@@ -105,7 +107,7 @@ class Trainer:
                         self.stats.restart_clock()
                     if due.stop:
                         self.say(f"{due.stop} at step {self.step}; checkpoint {self.result.checkpoint}; "
-                                 "continue with --resume")
+                                 f"{self.resume_hint}")
                         break
                 self.log_interval()
                 if self.saved_step != self.step:  # resumed a finished run, or max_steps already reached
@@ -377,7 +379,7 @@ class Trainer:
         self.result.interrupted = "SIGINT"
         last = f"the last checkpoint is {self.result.checkpoint}" if self.result.checkpoint else "no checkpoint yet"
         self.say(f"stopped at once by a second SIGINT at step {self.step}, without a new checkpoint; {last}; "
-                 "continue with --resume")
+                 f"{self.resume_hint}")
 
     def close_logs(self) -> None:
         self.bar.close()
@@ -512,7 +514,8 @@ def on_main(env: D.DistEnv, work: Callable[[], Any]) -> Any:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | Path, out_dir: str | Path,
           resume: bool | str = False, *, stop_at_step: int | None = None, progress: bool = True,
-          verbose: bool = True, on_eval: OnEval | None = None) -> TrainResult:
+          verbose: bool = True, on_eval: OnEval | None = None,
+          resume_hint: str = "continue with --resume") -> TrainResult:
     """Train a LanguageModel on a prepared data directory; write logs, checkpoints and weights to out_dir.
 
     resume: False starts a new run (error if out_dir already holds checkpoints); True continues
@@ -526,7 +529,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
     process training into out_dir is refused). Returns a TrainResult on every rank (loss history,
     validation results, throughput; `.model` is the trained model).
     SIGINT / SIGTERM: the current step finishes, a checkpoint is written and the result comes
-    back with `interrupted` set to the signal's name.
+    back with `interrupted` set to the signal's name; the stop line ends with `resume_hint`.
     """
     from memoryformer.core.model import LanguageModel
     from memoryformer.data import TokenData
@@ -544,7 +547,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_dir: str | 
     try:
         candidates = on_main(env, lambda: resume_candidates(out, resume))
         trainer = Trainer(model_config, tc, data, out, env, make_model=lambda: LanguageModel(model_config),
-                          on_eval=on_eval, progress=progress, verbose=verbose)
+                          on_eval=on_eval, progress=progress, verbose=verbose, resume_hint=resume_hint)
         result = trainer.run(candidates, stop_at_step)
         D.barrier(env)  # rank 0's files are complete when any rank returns
     finally:

@@ -2,6 +2,7 @@
 
     items = load_task("piqa", "data/tasks/piqa/valid.jsonl")     # list[MultipleChoice]
     items = load_task("lambada", data_root="data/tasks")         # the standard layout, see TASKS
+    docs = load_hub_docs("piqa")                                 # the Hugging Face dataset lm-eval uses
 
 Each family has a reader module (piqa, arc, winogrande, wsc273, logiqa, hellaswag, lambada) with
 `load_docs(path) -> list[dict]` (lm-eval's dataset field layout) and `to_item(doc)`;
@@ -86,8 +87,9 @@ def load_task(name: str, path: str | Path | None = None, *, data_root: str | Pat
 
 
 from memoryformer.evaluation.tasks.export import write_lm_eval_tasks  # noqa: E402  (needs TASKS above)
+from memoryformer.evaluation.tasks.hub import HUB, load_hub_docs  # noqa: E402
 
 __all__ = [
-    "PAPER_TASKS", "TASKS", "Completion", "Item", "MultipleChoice", "TaskFormatError", "TaskInfo",
-    "get_task", "load_docs", "load_task", "task_path", "write_lm_eval_tasks",
+    "HUB", "PAPER_TASKS", "TASKS", "Completion", "Item", "MultipleChoice", "TaskFormatError", "TaskInfo",
+    "get_task", "load_docs", "load_hub_docs", "load_task", "task_path", "write_lm_eval_tasks",
 ]

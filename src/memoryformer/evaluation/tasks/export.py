@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 def yaml_template(name: str) -> str:
@@ -22,20 +23,22 @@ def yaml_template(name: str) -> str:
 
 def write_lm_eval_tasks(
     out_dir: str | Path,
-    sources: Mapping[str, str | Path] | None = None,
+    sources: Mapping[str, str | Path | list[dict[str, Any]]] | None = None,
     *,
     data_root: str | Path | None = None,
     limit: int | None = None,
 ) -> list[str]:
     """Convert each task's file to `out_dir/mf_<task>.jsonl` and write `out_dir/mf_<task>.yaml` for it.
 
-    `sources` maps task names to their files; with `data_root` instead (or as well, for the tasks not
+    `sources` maps task names to their files (or to docs already loaded, e.g. `load_hub_docs`'s);
+    with `data_root` instead (or as well, for the tasks not
     in `sources`), every task whose standard file exists under it is written. Returns the lm-eval
     task names written, e.g. ["mf_piqa", ...].
     """
     from memoryformer.evaluation.tasks import TASKS, get_task, load_docs
 
-    chosen: dict[str, Path] = {get_task(name).name: Path(path) for name, path in (sources or {}).items()}
+    chosen: dict[str, Any] = {get_task(name).name: source if isinstance(source, list) else Path(source)
+                              for name, source in (sources or {}).items()}
     if data_root is not None:
         for name, info in TASKS.items():
             candidate = Path(data_root) / info.default_path
@@ -49,8 +52,8 @@ def write_lm_eval_tasks(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, path in chosen.items():
-        docs = load_docs(name, path, limit=limit)
+    for name, source in chosen.items():
+        docs = source[:limit] if isinstance(source, list) else load_docs(name, source, limit=limit)
         data_file = (out / f"mf_{name}.jsonl").resolve()
         with open(data_file, "w", encoding="utf-8") as handle:
             for doc in docs:
