@@ -233,7 +233,7 @@ def _build() -> None:
 def _summary(exc: BaseException) -> str:
     """One line about a failed build: the compiler's error lines when there are any."""
     text = str(exc).strip()
-    errors = [line.strip() for line in text.splitlines() if "error" in line.lower() and len(line) < 400]
+    errors = [line.strip() for line in text.splitlines() if "error:" in line.lower() and len(line) < 400]
     body = " | ".join(errors[:3]) if errors else " ".join(text.split())[:500]
     return f"{type(exc).__name__}: {body}"
 

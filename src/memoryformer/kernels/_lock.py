@@ -82,10 +82,10 @@ def _wait(fd: int, path: Path, timeout: float, what: str, poll: float) -> None:
     """Block until the lock is ours: at most `timeout` seconds, one message on stderr."""
     pid = holder_pid(path)
     holder = f"process {pid}" if pid is not None else "another process"
-    print(f"memoryformer: waiting up to {timeout:.0f} s for {holder}, which is {what} "
-          "(MEMORYFORMER_KERNELS_WAIT sets the limit)", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout
-    with _signals_interrupt():
+    with _signals_interrupt():  # before the message: a signal sent on seeing it must interrupt
+        print(f"memoryformer: waiting up to {timeout:.0f} s for {holder}, which is {what} "
+              "(MEMORYFORMER_KERNELS_WAIT sets the limit)", file=sys.stderr, flush=True)
         while not _try_lock(fd):
             left = deadline - time.monotonic()
             if left <= 0:
