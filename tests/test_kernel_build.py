@@ -235,7 +235,7 @@ def test_the_waiter_uses_the_build_the_holder_finished(fake_build, monkeypatch, 
     assert fake_build.compiles == 0 and fake_build.loaded == [build_dir / "their.so"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signals_interrupt_the_wait_even_under_a_recording_handler(tmp_path, sig):
     """The training loop's handler only records SIGINT/SIGTERM; the wait must still end on one,
     fall back to the pure path, and leave the signal recorded for the loop's checkpoint-and-stop."""
@@ -256,15 +256,16 @@ def test_signals_interrupt_the_wait_even_under_a_recording_handler(tmp_path, sig
     build_dir = Path(probe.stdout.strip())
     build_dir.mkdir(parents=True)
     holder = _holder(build_dir / _loader.LOCK_NAME)
+    waiter = subprocess.Popen([sys.executable, "-c", script], env=_env(cache, MEMORYFORMER_KERNELS_WAIT="600"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        waiter = subprocess.Popen([sys.executable, "-c", script], env=_env(cache, MEMORYFORMER_KERNELS_WAIT="600"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines = iter(waiter.stderr.readline, "")
         line = next((line for line in lines if "waiting up to" in line), "")
         assert f"waiting up to 600 s for process {holder.pid}" in line, line
         waiter.send_signal(sig)
         out, err = waiter.communicate(timeout=120)  # a hang fails here instead of blocking the suite
     finally:
+        _stop(waiter)  # first: once the holder is gone a hung waiter would start a real build
         _stop(holder)
     assert waiter.returncode == 0, err
     assert out.split() == ["False", f"['{sig.name}']", "True"], out + err
