@@ -242,7 +242,7 @@ def _unavailable() -> bool:
     """The failed load's result: False, or KernelBuildError where the kernels are required."""
     if required():
         raise KernelBuildError(
-            f"memoryformer: could not build the C++ kernels ({_summary(last_error() or RuntimeError())}) "
+            f"could not build the C++ kernels ({_summary(last_error() or RuntimeError())}) "
             "and MEMORYFORMER_REQUIRE_KERNELS=1 is set; see docs/kernels.md "
             "(MEMORYFORMER_KERNELS_VERBOSE=1 shows the compiler output)"
         ) from last_error()
