@@ -12,11 +12,11 @@ import torch
 
 from memoryformer import LanguageModel, ModelConfig
 from memoryformer.cli import main
+from memoryformer.commands import generate as generate_cmd
 from memoryformer.data.tokenizer import train_bpe
+from memoryformer.train import checkpoint
 
 pytest.importorskip("transformers")
-from memoryformer.commands import generate as generate_cmd  # noqa: E402
-from memoryformer.train import checkpoint  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue water fire stone tree".split()
 PROMPT = "the big cat sat on"

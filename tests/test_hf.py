@@ -332,7 +332,6 @@ def _write_run(run: Path, model: LanguageModel, tokenizer) -> Path:
 
 @pytest.mark.parametrize("preset", ARCHS)
 def test_load_any_reads_runs_and_checkpoint_files(tmp_path, tokenizer, preset):
-    pytest.importorskip("memoryformer.train.checkpoint")
     lm = tiny(preset)
     run = _write_run(tmp_path / "run", lm, tokenizer)
     x = ids(1, 8)
@@ -344,7 +343,6 @@ def test_load_any_reads_runs_and_checkpoint_files(tmp_path, tokenizer, preset):
 
 @pytest.mark.parametrize("preset", ARCHS)
 def test_export_verb_writes_a_loadable_directory(tmp_path, tokenizer, preset):
-    pytest.importorskip("memoryformer.train.checkpoint")
     from memoryformer.cli import main
 
     lm = tiny(preset)
