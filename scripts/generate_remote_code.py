@@ -25,8 +25,9 @@ TARGET = ROOT / "src" / "memoryformer" / "integrations" / "modeling_memoryformer
 # Dependency order: config, the float64-checked reference ops, the layer, the model, GPT-NeoX conversion
 # (model.from_hf_gpt_neox uses it), the transformers classes.
 REMOTE_CODE_MODULES = (
-    "memoryformer.core.config",
     "memoryformer.core.reference",
+    "memoryformer.core.config",
+    "memoryformer.core.linear_attention",
     "memoryformer.core.layer",
     "memoryformer.core.model",
     "memoryformer.integrations.neox",
