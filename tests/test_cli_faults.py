@@ -224,9 +224,9 @@ def test_train_refuses_a_preset_that_cannot_fit(tmp_path, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "meta.json").write_text("{}")
+    from tiny_data import make_data
+
+    data = make_data(tmp_path)
     monkeypatch.setattr(memoryformer.core.model.LanguageModel, "__init__", no_model)
     monkeypatch.setattr(memory, "count_values", lambda config: 1_945_920_000)  # the meta model needs __init__
     code = main(["train", "--preset", "mf-small", "--data", str(data), "--out", str(tmp_path / "run"),

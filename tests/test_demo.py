@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-import memoryformer.train.loop
+import memoryformer.train
 from memoryformer.cli import main
 
 QUICK = ["demo", "--quick", "--no-progress", "--steps", "4"]
@@ -65,7 +65,7 @@ def test_rerunning_a_finished_demo_does_not_train_again(finished, monkeypatch, c
     def no_training(*args, **kwargs):
         raise AssertionError("a finished arm was trained again")
 
-    monkeypatch.setattr(memoryformer.train.loop, "train", no_training)
+    monkeypatch.setattr(memoryformer.train, "train", no_training)
     assert main([*QUICK, "--out", str(out)]) == 0
     assert "finished by an earlier run" in capsys.readouterr().out
     assert (out / "summary.md").read_text() == before  # the finished arms' rows, reused
@@ -83,7 +83,7 @@ def test_a_stop_signal_during_an_arm_stops_the_demo(finished, tmp_path, monkeypa
     """The first stop signal checkpoints the arm in training (train() does) and ends the demo: exit
     128 + signal, one line naming the command that continues, no summary, the other arm not started."""
     out = _fresh_run(finished, tmp_path)
-    real_train, calls = memoryformer.train.loop.train, []
+    real_train, calls = memoryformer.train.train, []
 
     def train_then_signal(*args, **kwargs):
         calls.append(args[3])
@@ -92,7 +92,7 @@ def test_a_stop_signal_during_an_arm_stops_the_demo(finished, tmp_path, monkeypa
         result.interrupted = signal.Signals(signum).name  # what train() returns after a signal
         return result
 
-    monkeypatch.setattr(memoryformer.train.loop, "train", train_then_signal)
+    monkeypatch.setattr(memoryformer.train, "train", train_then_signal)
     code = main([*QUICK, "--out", str(out)])
     assert code == 128 + signum
     err = capsys.readouterr().err
@@ -115,7 +115,7 @@ def test_a_signal_outside_training_stops_the_demo_too(finished, tmp_path, monkey
         os.kill(os.getpid(), signum)
         raise AssertionError("the signal should have stopped the demo")
 
-    monkeypatch.setattr(memoryformer.train.loop, "train", signal_now)
+    monkeypatch.setattr(memoryformer.train, "train", signal_now)
     assert main([*QUICK, "--out", str(out)]) == 128 + signum
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stopped by" in err[0] and "run `memoryformer demo" in err[0], err

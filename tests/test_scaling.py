@@ -257,13 +257,13 @@ def test_quick_study_in_worker_processes_without_matplotlib_then_reused(tmp_path
     assert " val loss " in proc.stdout + proc.stderr  # a line per finished arm: name, loss, time
     assert "- Plots: skipped" in (out / "scaling.md").read_text()
 
-    import memoryformer.train.loop
+    import memoryformer.train
     from memoryformer.cli import main
 
     def no_training(*a, **k):
         raise AssertionError("a finished arm was trained again")
 
-    monkeypatch.setattr(memoryformer.train.loop, "train", no_training)
+    monkeypatch.setattr(memoryformer.train, "train", no_training)
     assert main([*args, "--jobs", "1"]) == 0
     again = json.loads((out / "scaling.json").read_text())
     assert {r["name"]: r["val_loss"] for r in again["rows"]} == {r["name"]: r["val_loss"] for r in rows}

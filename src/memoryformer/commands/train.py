@@ -153,12 +153,14 @@ def _error(args: argparse.Namespace, message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memoryformer.data import TokenData
     from memoryformer.train import train
+    from memoryformer.train.memory import check_training_memory
     from memoryformer.train.signals import exit_code
 
     model_config, train_config, data_dir = _configs(args)
-    from memoryformer.train.memory import check_training_memory  # before building: refuse what cannot fit
-
+    TokenData(data_dir)  # a damaged data directory is named before anything else is checked or built
+    # before building: refuse what cannot fit
     check_training_memory(model_config, train_config.batch_size, train_config.seq_len, train_config.device,
                           fsdp=bool(train_config.fsdp), force=args.force)
     try:

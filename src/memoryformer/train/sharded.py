@@ -32,6 +32,7 @@ from torch import nn
 from memoryformer.core.config import ModelConfig
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import distributed as D
+from memoryformer.train.files import fsync_dir
 
 SUFFIX = ".dcp"
 STATE_FILE = "train_state.pt"
@@ -96,9 +97,9 @@ def save_sharded_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Mod
     if env.is_main:
         if path.exists():  # a checkpoint of this step from an earlier attempt: replace it
             shutil.rmtree(path)
-        ckpt._fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, path)
-        ckpt._fsync_dir(path.parent)
+        fsync_dir(path.parent)
     D.barrier(env)
     return path
 
