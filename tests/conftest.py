@@ -23,3 +23,16 @@ def built():
     if not kernels.load():  # raises KernelBuildError instead under MEMORYFORMER_REQUIRE_KERNELS=1
         pytest.skip(f"kernels failed to build: {kernels.last_error()!r}")
     return torch.ops.memoryformer
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored(request):
+    """Every test leaves SIGINT / SIGTERM handled as it found them (a leaked handler breaks later tests)."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    changed = [signal.Signals(s).name for s, h in before.items() if signal.getsignal(s) is not h]
+    for s, h in before.items():
+        signal.signal(s, h)
+    assert not changed, f"{request.node.nodeid} left its {', '.join(changed)} handler installed"

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -113,6 +114,7 @@ def test_a_signal_outside_training_stops_the_demo_too(finished, tmp_path, monkey
 
     def signal_now(*args, **kwargs):
         os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler runs at the next bytecode boundary; the sleep is one, and is interrupted
         raise AssertionError("the signal should have stopped the demo")
 
     monkeypatch.setattr(memoryformer.train, "train", signal_now)
