@@ -243,10 +243,15 @@ def test_full_scale_configs_are_the_papers_runs():
     for mf, twin in pairs.items():
         for name in (mf, twin):
             assert ModelConfig.from_json(root / "configs" / f"{name}.json") == ModelConfig.from_preset(name)
+        # MemoryFormer: the official configs' schedule by default, Pythia's as a named alternative
+        schedules = {mf: (106_418, 0.01), f"{mf}-pythia-schedule": (143_000, 0.1), twin: (143_000, 0.1)}
+        for name, (steps, floor) in schedules.items():
             tc = TrainConfig.from_json(root / "train" / f"{name}.json")
             assert tc.batch_size * tc.grad_accum * 8 == 1024  # global batch on one 8-GPU node
-            assert (tc.seq_len, tc.max_steps, tc.warmup_frac, tc.min_lr_ratio) == (2048, 143_000, 0.01, 0.1)
+            assert (tc.seq_len, tc.max_steps, tc.warmup_frac, tc.min_lr_ratio) == (2048, steps, 0.01, floor)
             assert (tc.weight_decay, tc.betas, tc.grad_clip, tc.precision) == (0.1, (0.9, 0.95), 1.0, "bf16")
+        mf_fields = json.loads((root / "configs" / f"{mf}.json").read_text())
+        assert not {"parallel_residual", "attention_bias", "intermediate_size", "attention"} & set(mf_fields)
         mf_lr = TrainConfig.from_json(root / "train" / f"{mf}.json").lr
         twin_lr = TrainConfig.from_json(root / "train" / f"{twin}.json").lr
         assert mf_lr == pytest.approx(3 * twin_lr)  # the paper's rule

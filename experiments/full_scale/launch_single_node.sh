@@ -2,7 +2,7 @@
 # One node, GPUS GPUs (default 8): train one of the paper's models or its twin on the prepared Pile.
 #   DATA=/data/pile-tokens OUT=/runs bash experiments/full_scale/launch_single_node.sh mf-tiny
 # MODEL: mf-tiny | mf-small | mf-base | pythia-70m | pythia-160m | pythia-410m. Extra arguments go to
-# `memoryformer train` (e.g. --max-steps 106418, --wandb PROJECT). Rerunning resumes (--resume auto).
+# `memoryformer train` (e.g. --max-steps 143000 --min-lr-ratio 0.1, --wandb PROJECT). Rerunning resumes (--resume auto).
 # torchrun through memoryformer.train.distributed: SIGTERM / Ctrl-C checkpoint and exit 143 / 130
 # (docs/distributed.md).
 set -euo pipefail

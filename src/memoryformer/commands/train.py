@@ -21,6 +21,7 @@ _OVERRIDES = {
     "grad_accum": "grad_accum", "device": "device", "precision": "precision", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "ckpt_every": "ckpt_every", "keep_last": "keep_last", "log_every": "log_every",
     "warmup_steps": "warmup_steps", "seed": "seed", "wandb": "wandb", "ckpt_every_minutes": "ckpt_every_minutes",
+    "min_lr_ratio": "min_lr_ratio",
 }
 
 
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, metavar="N", help="tokens per sequence (default: the model's max_seq_len)")
     g.add_argument("--grad-accum", type=int, metavar="N", help="micro-steps per optimizer step")
     g.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps (default: 1%% of max-steps)")
+    g.add_argument("--min-lr-ratio", type=float, metavar="R",
+                   help="the cosine ends at R x the peak LR (default 0.1, Pythia's; the official MemoryFormer "
+                        "configs use 0.01)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler")
