@@ -26,8 +26,8 @@ from memoryformer.train import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RUN = {"eval", "generate", "export", "flops"}  # verbs cheap enough to run for real on the tiny models
-PARSE_ONLY = {"demo", "prepare", "train", "reproduce", "bench"}
-DEMO_OUTPUTS = ("runs/demo", "runs/demo/memoryformer", "runs/demo/dense")  # made here, as the demo would
+PARSE_ONLY = {"demo", "prepare", "train", "reproduce", "bench", "convert"}
+DEMO_OUTPUTS = ("runs/demo", "runs/demo/memoryformer", "runs/demo/dense", "runs/demo/data")  # made here, as the demo would
 
 
 def _ansi_c(match: re.Match) -> str:
