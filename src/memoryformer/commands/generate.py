@@ -70,16 +70,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     return ""
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from memoryformer.data.tokenizer import eot_id, load_tokenizer
-    from memoryformer.inference.pages import use_huge_pages
-    from memoryformer.inference.quantize import quantize_model
-    from memoryformer.integrations.hf import check_tokenizer, load_any
-    from memoryformer.train.distributed import resolve_device
-    from memoryformer.train.memory import check_inference_memory
-
+def _check_sampling(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -90,7 +81,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load(args: argparse.Namespace, device):
+    """(model, tokenizer): the model (quantized on request, on 2 MiB pages) and the tokenizer to use."""
+    from memoryformer.data.tokenizer import load_tokenizer
+    from memoryformer.inference.pages import use_huge_pages
+    from memoryformer.inference.quantize import quantize_model
+    from memoryformer.integrations.hf import check_tokenizer, load_any
+    from memoryformer.train.memory import check_inference_memory
+
     check_inference_memory(args.model, device, force=args.force)
     model, tokenizer = load_any(args.model, device=device)
     if args.tables or args.head:
@@ -101,8 +101,13 @@ def run(args: argparse.Namespace) -> int:
         check_tokenizer(tokenizer, model.config, f"--tokenizer {args.tokenizer}")
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; pass --tokenizer FILE")
+    return model, tokenizer
 
-    prompt = read_prompt(args)
+
+def _prompt_ids(args: argparse.Namespace, prompt: str, tokenizer, context: int) -> tuple[list[int], int | None]:
+    """(prompt token ids, cut to leave room for the new tokens; the end-of-text id or None)."""
+    from memoryformer.data.tokenizer import eot_id
+
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     eot = None
     try:
@@ -112,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
             raise
     if not ids:
         ids = [eot]  # an empty prompt starts a new document
-    context = model.config.max_seq_len
     if args.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the "
                          f"model's context of {context} tokens")
@@ -121,7 +125,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the prompt has {len(ids)} tokens; keeping its last {keep} so that "
               f"{args.max_new_tokens} new tokens fit the context of {context}", file=sys.stderr)
         ids = ids[-keep:]
+    return ids, eot
 
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from memoryformer.train.distributed import resolve_device
+
+    _check_sampling(args)
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = _load(args, device)
+    prompt = read_prompt(args)
+    ids, eot = _prompt_ids(args, prompt, tokenizer, model.config.max_seq_len)
     generator = None
     if args.seed is not None:
         torch.manual_seed(args.seed)
