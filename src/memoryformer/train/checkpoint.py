@@ -497,3 +497,13 @@ def load_run_tokenizer(run_dir: str | os.PathLike):
         return Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises its own Exception type for a damaged file
         raise ValueError(f"the run's tokenizer {file} cannot be read ({str(err)[:200]})") from None
+
+
+def check_same_model(path: Path, state: dict[str, Any], model_config: ModelConfig) -> None:
+    """Refuse to resume `state` (a checkpoint's, from `path`) with another model config, naming the fields."""
+    saved = state["model_config"]
+    if saved != model_config.to_dict():
+        diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+                for k, v in model_config.to_dict().items() if saved.get(k) != v]
+        raise CheckpointError(f"{path} was trained with another model config ({'; '.join(diff)}); "
+                              "resume with the same model, or start a new run in another --out")

@@ -471,7 +471,7 @@ def load_resume_state(candidates: list[Path], model_config: ModelConfig, env: D.
     if env.is_main:
         try:
             path, state = ckpt.load_newest_valid(candidates, say, need=ckpt.RESUME_KEYS)
-            check_same_model(path, state, model_config)
+            ckpt.check_same_model(path, state, model_config)
             small = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
             small["path"] = str(path)
             big = {"model": state["model"], "optimizer": state.get("optimizer")}
@@ -481,15 +481,6 @@ def load_resume_state(candidates: list[Path], model_config: ModelConfig, env: D.
     if "error" in small:
         raise ckpt.CheckpointError(small["error"])
     return Path(small.pop("path")), small, big
-
-
-def check_same_model(path: Path, state: dict[str, Any], model_config: ModelConfig) -> None:
-    saved = state["model_config"]
-    if saved != model_config.to_dict():
-        diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
-                for k, v in model_config.to_dict().items() if saved.get(k) != v]
-        raise ckpt.CheckpointError(f"{path} was trained with another model config ({'; '.join(diff)}); "
-                                   "resume with the same model, or start a new run in another --out")
 
 
 def lock_run_dir(out: Path, lock: RunLock) -> None:

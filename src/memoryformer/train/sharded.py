@@ -133,15 +133,6 @@ def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def _check_model_config(state: dict[str, Any], model_config: ModelConfig, path: Path) -> None:
-    saved = state["model_config"]
-    if saved != model_config.to_dict():
-        diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
-                for k, v in model_config.to_dict().items() if saved.get(k) != v]
-        raise ckpt.CheckpointError(f"{path} was trained with another model config ({'; '.join(diff)}); "
-                                   "resume with the same model, or start a new run in another --out")
-
-
 def _read_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Fill `model` (and `optimizer`) from the checkpoint's shards, resharding to this run's layout."""
     import torch.distributed as dist
@@ -175,7 +166,7 @@ def load_sharded_checkpoint(path: str | os.PathLike, model_config: ModelConfig, 
     error = None
     try:
         state = read_train_state(path)
-        _check_model_config(state, model_config, path)
+        ckpt.check_same_model(path, state, model_config)
     except (ckpt.CheckpointError, FileNotFoundError) as err:
         error = err
     if D.any_rank(error is not None, env):
