@@ -138,3 +138,55 @@ def test_distillation_loss_against_a_written_out_float64_reference():
     for bad in (dict(alpha=1.5), dict(temperature=0.0)):
         with pytest.raises(ValueError):
             distillation_loss(s, t, y, **bad)
+
+
+def test_training_from_a_converted_run_with_a_teacher(tmp_path):
+    """--init-from starts from the converted weights; alpha = 0 is plain training; a distilled run resumes
+    bit-exactly; a teacher with another vocabulary is refused in one line."""
+    from memoryformer import LanguageModel, ModelConfig
+    from memoryformer.convert.dense import convert_dense
+    from memoryformer.train import TrainConfig, train
+    from memoryformer.train.checkpoint import load_model, save_model_weights
+    from tiny_data import make_data
+
+    data = make_data(tmp_path)
+    torch.manual_seed(0)
+    dense_cfg = ModelConfig.from_preset("pythia-test", vocab_size=300)
+    dense_run = tmp_path / "dense"
+    dense_run.mkdir()
+    dense = LanguageModel(dense_cfg)
+    save_model_weights(dense, dense_run / "model.safetensors", dense_cfg)
+    mf, _ = convert_dense(dense, torch.randint(0, 300, (4, 32)), tau=4, iterations=5)
+    conv = tmp_path / "converted"
+    conv.mkdir()
+    save_model_weights(mf, conv / "model.safetensors", mf.config)
+
+    base = dict(batch_size=2, seq_len=16, max_steps=4, eval_every=0, ckpt_every=2, tensorboard=False,
+                device="cpu", precision="fp32", lr=1e-3)
+    quiet = dict(progress=False, verbose=False)
+    tiny_lr = train(mf.config, TrainConfig(**{**base, "lr": 1e-12, "max_steps": 1}, init_from=str(conv)), data,
+                    tmp_path / "a", **quiet)
+    for (name, p), q in zip(tiny_lr.model.state_dict().items(), mf.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-8, msg=name)
+    plain = train(mf.config, TrainConfig(**base, init_from=str(conv)), data, tmp_path / "b", **quiet)
+    alpha0 = train(mf.config, TrainConfig(**base, init_from=str(conv), teacher=str(dense_run), distill_alpha=0.0),
+                   data, tmp_path / "c", **quiet)
+    assert alpha0.losses == pytest.approx(plain.losses, rel=1e-6)
+    distil = TrainConfig(**base, init_from=str(conv), teacher=str(dense_run), distill_alpha=0.7,
+                         distill_temperature=2.0)
+    straight = train(mf.config, distil, data, tmp_path / "d", **quiet)
+    assert straight.losses != pytest.approx(plain.losses, rel=1e-3)
+    train(mf.config, distil, data, tmp_path / "e", stop_at_step=2, **quiet)
+    resumed = train(mf.config, distil, data, tmp_path / "e", resume=True, **quiet)
+    assert resumed.losses == straight.losses
+    model_e, _ = load_model(tmp_path / "e")
+    model_d, _ = load_model(tmp_path / "d")
+    for p, q in zip(model_e.state_dict().values(), model_d.state_dict().values()):
+        assert torch.equal(p, q)
+
+    other = ModelConfig.from_preset("pythia-test", vocab_size=280)
+    bad_teacher = tmp_path / "bad"
+    bad_teacher.mkdir()
+    save_model_weights(LanguageModel(other), bad_teacher / "model.safetensors", other)
+    with pytest.raises(ValueError, match="distillation needs the same tokenizer"):
+        train(mf.config, TrainConfig(**base, teacher=str(bad_teacher)), data, tmp_path / "f", **quiet)

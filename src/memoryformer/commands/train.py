@@ -21,7 +21,8 @@ _OVERRIDES = {
     "grad_accum": "grad_accum", "device": "device", "precision": "precision", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "ckpt_every": "ckpt_every", "keep_last": "keep_last", "log_every": "log_every",
     "warmup_steps": "warmup_steps", "seed": "seed", "wandb": "wandb", "ckpt_every_minutes": "ckpt_every_minutes",
-    "min_lr_ratio": "min_lr_ratio",
+    "min_lr_ratio": "min_lr_ratio", "init_from": "init_from", "teacher": "teacher",
+    "distill_alpha": "distill_alpha", "distill_temperature": "distill_temperature",
 }
 
 
@@ -53,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the cosine ends at R x the peak LR (default 0.1, Pythia's; the official MemoryFormer "
                         "configs use 0.01)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    g.add_argument("--init-from", metavar="RUN", help="start a new run from these weights (e.g. the output of "
+                   "`memoryformer convert`; the model config defaults to RUN/config.json)")
+    g.add_argument("--teacher", metavar="RUN", help="distil from this model (same tokenizer): the loss mixes "
+                   "cross-entropy and the teacher's KL (docs/convert.md)")
+    g.add_argument("--distill-alpha", type=float, metavar="A", help="weight of the KL term in [0, 1] (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, metavar="T", help="KL temperature (default 1)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a gradient scaler")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -93,6 +100,8 @@ def _configs(args: argparse.Namespace):
         model_config = ModelConfig.from_preset(args.preset)
     elif resuming and (out / CONFIG_FILE).is_file():
         model_config = read_model_config(out / CONFIG_FILE, "the run's model config")
+    elif args.init_from and (Path(args.init_from) / CONFIG_FILE).is_file():
+        model_config = read_model_config(Path(args.init_from) / CONFIG_FILE, "the --init-from run's model config")
     elif resuming:
         raise FileNotFoundError(f"cannot resume: {out / CONFIG_FILE} does not exist; is {out} a training run?")
     else:

@@ -70,6 +70,10 @@ class TrainConfig(JsonConfig):
     fsdp: bool = False
     tensorboard: bool = True
     wandb: str | None = None  # a Weights & Biases project name, or None
+    init_from: str | None = None  # a run or checkpoint whose weights start a new run (e.g. `memoryformer convert`'s)
+    teacher: str | None = None  # a run or checkpoint to distil from (docs/convert.md); None: plain training
+    distill_alpha: float = 0.5  # with a teacher: loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -88,6 +92,8 @@ class TrainConfig(JsonConfig):
         need(self.seq_len is None or self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
         need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        need(self.distill_temperature > 0, f"distill_temperature must be positive, got {self.distill_temperature}")
         need(0.0 <= self.warmup_frac < 1.0, f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         need(self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

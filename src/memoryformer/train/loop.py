@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memoryformer.convert.distill import distillation_loss, teacher_logits
 from memoryformer.core.config import ModelConfig
 from memoryformer.data.fingerprint import data_fingerprint, fingerprint_mismatch
 from memoryformer.progress import Progress
@@ -167,6 +168,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.sampler = self.data.sampler("train", tc.batch_size, tc.seq_len, seed=tc.seed, shuffle=tc.shuffle,
                                          rank=env.rank, world_size=env.world_size)
+        if tc.init_from:
+            self.load_initial_weights(tc.init_from)
+        self.teacher = load_teacher(tc.teacher, self.model_config, self.device) if tc.teacher else None
         self.params = [p for p in self.core.parameters() if p.requires_grad]
         self.data_fingerprint = data_fingerprint(self.data.path)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * env.world_size * tc.seq_len
@@ -175,6 +179,16 @@ class Trainer:
         self.result = TrainResult(str(self.out), self.model_config.to_dict(), tc.to_dict(),
                                   tokens_per_step=self.tokens_per_step, flops_per_token=self.fpt,
                                   world_size=env.world_size, precision=self.precision)
+
+    def load_initial_weights(self, source: str) -> None:
+        """Start from another run's weights (a new run only: a resume overwrites them)."""
+        if self.sharded:
+            raise ValueError("--init-from needs a single process or DDP (load the weights, then shard)")
+        initial, _ = ckpt.load_model(source)
+        if initial.config.to_dict() != self.model_config.to_dict():
+            raise ValueError(f"--init-from {source} holds a different model; pass its config "
+                             f"(--config {Path(source) / ckpt.CONFIG_FILE})")
+        self.core.load_state_dict(initial.state_dict())
 
     # ---- resume ----------------------------------------------------------------------------------------
 
@@ -251,7 +265,10 @@ class Trainer:
             x, y = self.sampler.next_batch(self.device)
             with D.gradient_sync(model, micro == tc.grad_accum - 1):
                 with autocast(self.device, self.precision):
-                    _, loss = model(x, y)
+                    logits, loss = model(x, y)
+                    if self.teacher is not None:
+                        loss = distillation_loss(logits, teacher_logits(self.teacher, x), y,
+                                                 alpha=tc.distill_alpha, temperature=tc.distill_temperature)
                 scaled = loss / tc.grad_accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
@@ -442,6 +459,17 @@ def check_out_dir(out: Path) -> None:
                 raise ValueError(f"--out {out}: {folder} is a file, not a directory; give --out a new "
                                  "directory or an existing run's")
             return
+
+
+def load_teacher(source: str, student: ModelConfig, device: torch.device) -> nn.Module:
+    """A frozen teacher in eval mode on `device`, with the student's vocabulary."""
+    teacher, _ = ckpt.load_model(source, device)
+    if teacher.config.vocab_size != student.vocab_size:
+        raise ValueError(f"--teacher {source} has a vocabulary of {teacher.config.vocab_size}, the student "
+                         f"{student.vocab_size}: distillation needs the same tokenizer")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 def resume_candidates(out: Path, resume: bool | str) -> list[Path] | None:
