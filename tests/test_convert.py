@@ -143,11 +143,12 @@ def test_distillation_loss_against_a_written_out_float64_reference():
 def test_training_from_a_converted_run_with_a_teacher(tmp_path):
     """--init-from starts from the converted weights; alpha = 0 is plain training; a distilled run resumes
     bit-exactly; a teacher with another vocabulary is refused in one line."""
+    from tiny_data import make_data
+
     from memoryformer import LanguageModel, ModelConfig
     from memoryformer.convert.dense import convert_dense
     from memoryformer.train import TrainConfig, train
     from memoryformer.train.checkpoint import load_model, save_model_weights
-    from tiny_data import make_data
 
     data = make_data(tmp_path)
     torch.manual_seed(0)

@@ -90,11 +90,18 @@ def train_config(s: Settings, arm: Arm):
                        precision="fp32", tensorboard=False)
 
 
+# settings added after arms were first cached: at these values they are left out of an arm's hash, so
+# arms trained before the setting existed are still found
+_NEUTRAL_MODEL = {"attention": "softmax"}
+_NEUTRAL_TRAIN = {"init_from": None, "teacher": None, "distill_alpha": 0.5, "distill_temperature": 1.0}
+
+
 def arm_dir(s: Settings, arm: Arm, data: Path) -> Path:
-    """<out>/arms/<arch>-<hash of model, training settings and data>. Softmax attention (the default)
-    is left out of the hash, so arms trained before the attention setting existed are still found."""
-    model = {k: v for k, v in arm.model.items() if not (k == "attention" and v == "softmax")}
-    key = _hash({"model": model, "train": train_config(s, arm).to_dict(), "data": data.name})
+    """<out>/arms/<arch>-<hash of model, training settings and data> (settings at their neutral
+    values, _NEUTRAL_MODEL / _NEUTRAL_TRAIN, are left out)."""
+    model = {k: v for k, v in arm.model.items() if _NEUTRAL_MODEL.get(k, object()) != v}
+    train = {k: v for k, v in train_config(s, arm).to_dict().items() if _NEUTRAL_TRAIN.get(k, object()) != v}
+    key = _hash({"model": model, "train": train, "data": data.name})
     return Path(s.out) / "arms" / f"{ARCH_LABEL[arm.model['architecture']]}-{key}"
 
 
