@@ -112,7 +112,8 @@ class DemoStopped(Exception):
 
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt-like `_Terminated` outside training (train() handles its own)."""
+    """SIGTERM raises KeyboardInterrupt-like `_Terminated` and SIGINT KeyboardInterrupt outside training
+    (train() handles its own)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -120,11 +121,14 @@ def _stop_on_sigterm() -> Iterator[None]:
     def terminate(signum: int, frame: Any) -> None:
         raise _Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                # whatever the process inherited (an embedding program, a test runner), Ctrl-C stops the demo
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _Terminated(BaseException):
