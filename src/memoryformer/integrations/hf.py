@@ -355,12 +355,8 @@ def load_any(path: str | Path, device: str | torch.device = "cpu") -> tuple[Lang
         raise FileNotFoundError(f"no such model: {path}")
     if is_hf_dir(path):
         return from_pretrained(path, device)
-    try:
-        from memoryformer.train.checkpoint import load_model
-    except ImportError as err:
-        if err.name != "memoryformer.train.checkpoint":
-            raise
-        raise ValueError(_not_a_checkpoint(path)) from None
+    from memoryformer.train.checkpoint import load_model
+
     try:
         model, tokenizer = load_model(path, device=device)
     except FileNotFoundError as err:

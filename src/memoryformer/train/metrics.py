@@ -26,19 +26,11 @@ CSV_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mode
 
 
 def flops_per_token(model_config: ModelConfig, seq_len: int, model: nn.Module | None = None) -> float:
-    """Training FLOPs per token (memoryformer.research.flops when present, else 6 x non-embedding parameters)."""
-    try:
-        from memoryformer.research.flops import training_flops_per_token
-    except ImportError:
-        training_flops_per_token = None
-    if training_flops_per_token is not None:
-        return float(training_flops_per_token(model_config, seq_len))
-    if model is None:
-        from memoryformer.core.model import LanguageModel
+    """Training FLOPs per token: the structural count of memoryformer.research.flops (head included).
+    `model` is accepted for callers that have one; the count needs only the config."""
+    from memoryformer.research.flops import training_flops_per_token
 
-        with torch.device("meta"):
-            model = LanguageModel(model_config)
-    return 6.0 * model.num_parameters(exclude_embeddings=True)
+    return float(training_flops_per_token(model_config, seq_len))
 
 
 def read_metrics(path: Path, up_to_step: int) -> tuple[list[str], list[dict[str, str]]]:
