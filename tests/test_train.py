@@ -355,3 +355,39 @@ def test_decay_rule_matches_the_module_rule():
                      if isinstance(module, norms) or p_name == "bias"}
         decay, no_decay = decay_split(model)
         assert set(no_decay) == by_module and not set(decay) & by_module and no_decay, arch
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e9])
+def test_clip_gradients_equals_torch_clip(max_norm):
+    """The CPU fast path (multiply only when clipping) gives clip_grad_norm_'s norm and gradients, bitwise."""
+    from memoryformer.train.optim import clip_gradients
+
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 17), torch.randn(64), torch.randn(5, 5, 5)]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    norm = clip_gradients(ours, max_norm, sharded=False)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert torch.equal(norm, expected)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert (max_norm < 1) != all(torch.equal(a.grad, g) for a, g in zip(ours, grads))  # clipped iff below
+
+
+def test_training_uses_fused_adamw_on_cpu(data_dir, tmp_path, monkeypatch):
+    """On CPU (torch >= 2.4) the loop builds torch's fused AdamW, one pass per parameter."""
+    from memoryformer.train import loop
+    from memoryformer.train.optim import fused_adamw_supported
+
+    built = []
+    real = loop.build_optimizer
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(loop, "build_optimizer", spy)
+    train(tiny_model(), tiny_train(max_steps=2), data_dir, tmp_path / "run", progress=False)
+    assert fused_adamw_supported(torch.device("cpu")) == (tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4))
+    assert built[0].defaults["fused"] is (True if fused_adamw_supported(torch.device("cpu")) else None)

@@ -34,7 +34,13 @@ from memoryformer.train.config import RECIPE_FIELDS, TrainConfig, paper_lr
 from memoryformer.train.files import remove_stale_temporaries
 from memoryformer.train.lock import RunLock
 from memoryformer.train.metrics import MetricsLog, StepStats, flops_per_token
-from memoryformer.train.optim import build_optimizer, build_scheduler, restore_schedule
+from memoryformer.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    fused_adamw_supported,
+    restore_schedule,
+)
 from memoryformer.train.result import TrainResult
 from memoryformer.train.signals import StopSignals
 from memoryformer.train.validation import autocast, validation_loss
@@ -163,7 +169,8 @@ class Trainer:
         self.core = D.build_sharded(self.make_model, env) if self.sharded else self.make_model().to(self.device)
         self.fast = torch.compile(self.core) if tc.compile else self.core
         self.train_model = D.wrap_ddp(self.fast, env) if env.distributed and not self.sharded else self.fast
-        self.optimizer = build_optimizer(self.core, tc, tc.lr, fused=self.device.type == "cuda" and not self.sharded)
+        self.optimizer = build_optimizer(self.core, tc, tc.lr,
+                                         fused=fused_adamw_supported(self.device) and not self.sharded)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.sampler = self.data.sampler("train", tc.batch_size, tc.seq_len, seed=tc.seed, shuffle=tc.shuffle,
@@ -275,7 +282,7 @@ class Trainer:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        norm = D.grad_norm_value(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        norm = D.grad_norm_value(clip_gradients(self.params, clip, sharded=self.sharded))
         lr_used = self.optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.step(self.optimizer)

@@ -34,10 +34,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
+def fused_adamw_supported(device: torch.device) -> bool:
+    """torch's fused AdamW runs on CUDA, and on CPU from torch 2.4."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, lr: float, *, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over param_groups(model); fused=True for the CUDA fused kernel."""
+    """AdamW over param_groups(model). fused=True: torch's fused kernel (one pass over each parameter,
+    its gradient and its two moments; the same update as the per-tensor loop, up to rounding), which on
+    CPU made AdamW over the scaling study's tables 3x faster (docs/performance.md)."""
     return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr, betas=config.betas,
                              eps=config.eps, fused=True if fused else None)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float, *, sharded: bool) -> torch.Tensor:
+    """Scale the gradients so that their global 2-norm is at most max_norm; return the norm before.
+
+    The same result as `torch.nn.utils.clip_grad_norm_`, which always multiplies every gradient (by 1 when
+    the norm is under the limit) to avoid a device sync. On CPU a sync is free, so the multiply runs only
+    when it changes something: a pass over every table gradient saved on most steps. Sharded (DTensor)
+    and accelerator gradients keep torch's path."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    grads = [p.grad for p in params if p.grad is not None]
+    if sharded or get_total_norm is None or not grads or any(g.device.type != "cpu" for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = get_total_norm(grads)
+    coef = max_norm / (float(norm) + 1e-6)  # clip_grad_norm_'s coefficient
+    if coef < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 class WarmupCosine:
