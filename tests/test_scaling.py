@@ -310,3 +310,43 @@ def test_list_prints_the_series_and_first_arms(capsys):
     out = capsys.readouterr().out
     assert "twin-wide: twin at MF's non-embedding parameters (d 608)" in out
     assert "budgets 0.25M, 1M, 4M\n" in out and "MF 0.25M lr 3.2e-2 seed 0" in out and "twin 0.25M lr 4e-3" in out
+
+
+def test_conversion_experiment_on_a_quick_study(tmp_path, corpus, capsys, monkeypatch):
+    """`reproduce conversion` refuses (one line) before the study has its sweeps, then builds on a quick
+    study: the teacher is the twin's best arm at the third budget, (c) starts from the converted teacher
+    and distils from it, (e) distils from scratch, and a rerun trains nothing."""
+    from memoryformer.cli import main
+
+    common = ["--quick", "--data", str(corpus), "--out", str(tmp_path / "runs"), "--results",
+              str(tmp_path / "results"), "--vocab-size", "300", "--seq-len", "16", "--budgets", "256", "512", "1024"]
+    assert main(["reproduce", "conversion", *common]) == 1
+    err = capsys.readouterr().err
+    assert "sweep at 1024 tokens is not finished" in err and "Traceback" not in err
+    assert main(["reproduce", "scaling", *common, "--jobs", "1"]) == 0
+    assert main(["reproduce", "conversion", *common, "--jobs", "1"]) == 0
+    report = json.loads((tmp_path / "results" / "conversion" / "conversion.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "converted", "scratch", "converted+distilled", "scratch+distilled",
+                           "converted+trained"}
+    assert models["teacher"]["train_tokens"] == 1024 and models["scratch"]["train_tokens"] == 512
+    assert len(models["converted+distilled"]["sweep"]) >= 3 and len(models["scratch+distilled"]["sweep"]) >= 3
+    conf = json.loads((Path(models["converted+distilled"]["run_dir"]) / "train_config.json").read_text())
+    assert conf["init_from"] == report["converted_dir"] and conf["teacher"] == models["teacher"]["run_dir"]
+    conf = json.loads((Path(models["scratch+distilled"]["run_dir"]) / "train_config.json").read_text())
+    assert conf["init_from"] is None and conf["teacher"] == models["teacher"]["run_dir"]
+    assert math.isfinite(models["converted"]["val_loss"])
+    gain = models["scratch"]["val_loss"] - models["converted+distilled"]["val_loss"]
+    assert report["gain_over_scratch_nats"]["converted+distilled"] == pytest.approx(gain)
+    assert report["verdict"].startswith("conversion + distillation")
+    md = (tmp_path / "results" / "conversion" / "conversion.md").read_text()
+    assert "(b) converted, no training" in md and "**Verdict:**" in md
+    assert (tmp_path / "results" / "conversion" / "loss_vs_tokens.png").stat().st_size > 5_000
+
+    import memoryformer.train
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(memoryformer.train, "train", no_training)
+    assert main(["reproduce", "conversion", *common, "--jobs", "1"]) == 0

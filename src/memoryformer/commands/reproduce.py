@@ -10,9 +10,10 @@ from memoryformer.research.reproduce.registry import ORDER, Settings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Settings()
-    parser.add_argument("experiment", choices=(*ORDER, "scaling", "all"), metavar="EXPERIMENT",
-                        help=f"one of {', '.join(ORDER)}, all (those), or scaling (the token-scaling study: "
-                             "long, see docs/results.md)")
+    parser.add_argument("experiment", choices=(*ORDER, "scaling", "conversion", "all"), metavar="EXPERIMENT",
+                        help=f"one of {', '.join(ORDER)}, all (those), scaling (the token-scaling study: "
+                             "long, see docs/results.md) or conversion (dense twin -> MemoryFormer, on the "
+                             "scaling study's arms: run it after the study's 4M budget)")
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="corpora to train on (files, directories, globs, .jsonl; e.g. corpora/"
                              "gutenberg); default: the embedded default corpus")
@@ -60,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
             changes[key] = tuple(changes[key])
     settings = (Settings.quick_settings if args.quick else Settings)(**changes, progress=args.progress,
                                                                       command=flags)
+    if args.list and args.experiment == "conversion":
+        from memoryformer.research.reproduce import conversion
+
+        print(conversion.__doc__)
+        return 0
     if args.list and args.experiment == "scaling":
         return _list_scaling(settings)
     if args.list:

@@ -139,6 +139,7 @@ class Arm:
     seed: int
     labels: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None  # the arm's own optimizer steps (a token budget); None: the settings' steps
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of this arm (init_from, teacher, ...)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)

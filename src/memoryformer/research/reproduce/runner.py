@@ -87,7 +87,7 @@ def train_config(s: Settings, arm: Arm):
     return TrainConfig(batch_size=s.batch_size, seq_len=s.seq_len, max_steps=steps, lr=arm.lr,
                        warmup_frac=s.warmup_frac, eval_every=eval_every, eval_batches=s.eval_batches or None,
                        log_every=10, ckpt_every=ckpt_every, keep_last=1, seed=arm.seed, device=s.device,
-                       precision="fp32", tensorboard=False)
+                       precision="fp32", tensorboard=False, **arm.train)
 
 
 # settings added after arms were first cached: at these values they are left out of an arm's hash, so
@@ -369,5 +369,9 @@ def run(name: str, s: Settings) -> dict[str, dict[str, Any]]:
         from memoryformer.research.reproduce.scaling import run_scaling
 
         return {"scaling": run_scaling(s)}
+    if name == "conversion":  # builds on the scaling study's arms
+        from memoryformer.research.reproduce.conversion import run_conversion
+
+        return {"conversion": run_conversion(s)}
     names = ORDER if name == "all" else (name,)
     return {n: run_experiment(n, s) for n in names}
