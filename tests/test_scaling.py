@@ -350,3 +350,23 @@ def test_conversion_experiment_on_a_quick_study(tmp_path, corpus, capsys, monkey
 
     monkeypatch.setattr(memoryformer.train, "train", no_training)
     assert main(["reproduce", "conversion", *common, "--jobs", "1"]) == 0
+
+
+def test_pending_arms_run_cheapest_first():
+    """Arms come out in order of budget x their series' measured seconds per token; a series with no
+    finished arm counts as the slowest measured one."""
+    s = Settings()
+    series = study_series(s)
+    first = Planner(s, series, []).arms()
+    rows = []
+    for arm in first:
+        row = fake_row(arm)
+        row["wall_s"] = arm.labels["budget"] * (1e-3 if arm.labels["series"] == "MF" else 5e-3)
+        rows.append(row)
+    planner = Planner(s, series, rows)
+    pending = [a for a in planner.arms() if a.name not in {r["name"] for r in rows}]
+    costs = [planner.expected_seconds(a) for a in pending]
+    assert costs == sorted(costs) and len(set(costs)) > 1
+    assert planner.seconds_per_token == {"MF": pytest.approx(1e-3), "twin": pytest.approx(5e-3)}
+    unmeasured = next(a for a in pending if a.labels["series"] not in ("MF", "twin"))
+    assert planner.expected_seconds(unmeasured) == pytest.approx(unmeasured.labels["budget"] * 5e-3)

@@ -19,7 +19,8 @@ extends past it (at most MAX_POINTS points). At the largest budget of a series w
 budgets, only the previous optimum and its neighbour on the side the optimum moved to (or, when it did
 not move, the side that was better at the previous budget) are run, extended while the best is the
 outermost in that direction. Rerunning the command recomputes the plan from the cached arms and
-continues the study.
+continues the study. Pending arms start cheapest first (budget x the series' measured seconds per token),
+so every question gets a first answer before the long arms run.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class Planner:
                 loss = r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
                 self.losses[(lab["series"], lab["budget"], grid_index(r["lr"]), r["seed"])] = loss
         self._memo: dict[tuple[str, int], tuple[list[int], int | None]] = {}
+        self._time_per_token(rows)
 
     def loss(self, key: str, budget: int, index: int) -> float | None:
         return self.losses.get((key, budget, index, self.s.seeds[0]))
@@ -216,7 +218,8 @@ class Planner:
         return 1 if best == max(points) else 0
 
     def arms(self) -> list[Arm]:
-        """Every arm the study needs given the finished rows (finished ones included)."""
+        """Every arm the study needs given the finished rows (finished ones included), the cheapest
+        first (`expected_seconds`), so that every question gets its first answer before the long arms run."""
         out = []
         for series in self.series.values():
             for budget in series.budgets:
@@ -224,7 +227,21 @@ class Planner:
                 out += [make_arm(self.s, series, budget, p, self.s.seeds[0]) for p in points]
                 if best is not None and budget == series.budgets[-1]:
                     out += [make_arm(self.s, series, budget, best, seed) for seed in self.s.seeds[1:series.seeds]]
-        return out
+        return sorted(out, key=self.expected_seconds)  # stable: plan order among equals
+
+    def expected_seconds(self, arm: Arm) -> float:
+        """An arm's budget x its series' measured seconds per token (finished arms' wall time; a series
+        with none yet counts as the slowest measured one)."""
+        return arm.labels["budget"] * self.seconds_per_token.get(arm.labels["series"], self.slowest)
+
+    def _time_per_token(self, rows: Sequence[dict[str, Any]]) -> None:
+        per: dict[str, list[float]] = {}
+        for r in rows:
+            lab = r.get("labels") or {}
+            if "series" in lab and r.get("wall_s") and r.get("train_tokens") and not r.get("diverged"):
+                per.setdefault(lab["series"], []).append(r["wall_s"] / r["train_tokens"])
+        self.seconds_per_token = {k: sum(v) / len(v) for k, v in per.items()}
+        self.slowest = max(self.seconds_per_token.values(), default=1.0)
 
 
 def scaling_plan(s: Settings) -> Callable[[Sequence[dict[str, Any]]], list[Arm]]:
