@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -257,3 +258,35 @@ def test_full_scale_configs_are_the_papers_runs():
         assert mf_lr == pytest.approx(3 * twin_lr)  # the paper's rule
     assert TrainConfig.from_json(root / "train" / "pythia-70m.json").lr == 1e-3
     assert TrainConfig.from_json(root / "train" / "mf-base.json").fsdp
+
+
+def test_parallel_arms_fill_every_slot_after_a_cached_arm(tmp_path, monkeypatch):
+    """With 2 jobs, a cached arm at the head of the plan must not leave a worker idle: the two arms after
+    it run at the same time (each waits at a barrier for the other)."""
+    import concurrent.futures
+    import threading
+
+    from memoryformer.research.reproduce import runner
+    from memoryformer.research.reproduce.registry import Arm, Settings, base_model
+
+    s = Settings.quick_settings(out=str(tmp_path / "runs"))
+    data = tmp_path / "data"
+    arms = [Arm(name=f"arm {i}", model=base_model(s), lr=1e-3 * (i + 1), seed=0) for i in range(3)]
+    cached = runner.arm_dir(s, arms[0], data)
+    cached.mkdir(parents=True)
+    fields = {"val_ppl": 3.0, "train_tokens_per_s": 1.0, "wall_s": 1.0}
+    (cached / "arm.json").write_text(json.dumps({"name": "arm 0", "val_loss": 1.0, "run_dir": str(cached), **fields}))
+    barrier = threading.Barrier(2, timeout=10)
+
+    def job(settings, arm, data_dir):
+        barrier.wait()  # raises BrokenBarrierError unless the other arm runs too
+        return {"name": arm.name, "val_loss": 2.0, "run_dir": str(runner.arm_dir(s, arm, Path(data_dir))), **fields}
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, max_workers, mp_context=None, initializer=None, initargs=()):
+            super().__init__(max_workers=max_workers)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(runner, "_run_arm_job", job)
+    rows = runner.run_plan(s, lambda done: arms, data, jobs=2)
+    assert sorted(r["name"] for r in rows) == ["arm 0", "arm 1", "arm 2"]

@@ -292,16 +292,17 @@ def _run_parallel(s: Settings, plan: Plan, data: Path, rows: list[dict[str, Any]
         running: dict[Any, Path] = {}
         try:
             while True:
-                for arm in _pending(s, plan, data, rows, set(running.values()))[:jobs - len(running)]:
-                    cached = _cached_row(arm, arm_dir(s, arm, data))
+                while len(running) < jobs:  # re-plan after every arm: a cached one frees its slot at once
+                    todo = _pending(s, plan, data, rows, set(running.values()))
+                    if not todo:
+                        break
+                    cached = _cached_row(todo[0], arm_dir(s, todo[0], data))
                     if cached is not None:  # no process needed
                         finished(cached)
                         continue
-                    running[pool.submit(_run_arm_job, settings, arm, str(data))] = arm_dir(s, arm, data)
+                    running[pool.submit(_run_arm_job, settings, todo[0], str(data))] = arm_dir(s, todo[0], data)
                 if not running:
-                    if not _pending(s, plan, data, rows, set()):
-                        return
-                    continue
+                    return
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     running.pop(future)
