@@ -369,3 +369,55 @@ def test_weight_formula_closed_form():
     p1 = 1.0 / math.prod(1 + math.exp(-2 * abs(v)) for v in z[0].tolist())
     _, w = memory_hash(z, 4, "l1")
     assert w.item() == pytest.approx(4.0 * p1, rel=1e-12)
+
+
+# ---- several layers sharing one hash (MemoryAttention's Q, K, V) ----------------------------------------
+
+
+def _qkv(tau: int = 4, d: int = 16, dtype=torch.float32) -> list[MemoryLayer]:
+    torch.manual_seed(3)
+    return [MemoryLayer(d, out, tau=tau, dtype=dtype) for out in (16, 16, 24)]
+
+
+def test_shared_hash_forward_matches_float64_values_and_gradients(layer_backend, monkeypatch):
+    """Values and gradients (input, tables, biases) of the shared-hash call against the float64
+    reference of each layer on its own; under the kernels backend the one fused op runs."""
+    layers = _qkv()
+    for m in layers:
+        torch.nn.init.normal_(m.bias)
+    calls = []
+    real = kernels.try_memory_layers
+    monkeypatch.setattr(kernels, "try_memory_layers", lambda *a: calls.append(1) or real(*a))
+    x = away_from_zero(torch.randn(3, 40, 16)).requires_grad_()
+    outs = layer_module.shared_hash_forward(x, layers)
+    weights = [torch.randn_like(o) for o in outs]
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    assert calls and (real(x.detach(), [m.table for m in layers], [m.bias for m in layers], 4, "prob", 1.0)
+                      is not None) == (layer_backend == "kernels")
+
+    x64 = x.detach().double().reshape(-1, 16).requires_grad_()
+    tables = [m.table.detach().double().requires_grad_() for m in layers]
+    biases = [m.bias.detach().double().requires_grad_() for m in layers]
+    refs = [reference_forward(x64, t, b, 4) for t, b in zip(tables, biases)]
+    sum((r * w.double().reshape(r.shape)).sum() for r, w in zip(refs, weights)).backward()
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o.double().reshape(r.shape), r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double().reshape(x64.shape), x64.grad, rtol=1e-4, atol=1e-5)
+    for m, t, b in zip(layers, tables, biases):
+        torch.testing.assert_close(m.table.grad.double(), t.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.bias.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_hash_forward_keeps_module_hooks_and_checks_its_layers():
+    """A layer with a forward hook is called (its hook fires), whatever the backend; layers with other
+    hash settings are refused."""
+    layers = _qkv()
+    seen = []
+    handle = layers[1].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    x = torch.randn(5, 16)
+    outs = layer_module.shared_hash_forward(x, layers)
+    handle.remove()
+    assert seen == [torch.Size([5, 16])]
+    torch.testing.assert_close(outs[1], layers[1](x))
+    with pytest.raises(ValueError, match="same in_features, tau"):
+        layer_module.shared_hash_forward(x, [layers[0], MemoryLayer(16, 16, tau=8)])

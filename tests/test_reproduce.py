@@ -261,8 +261,9 @@ def test_full_scale_configs_are_the_papers_runs():
 
 
 def test_parallel_arms_fill_every_slot_after_a_cached_arm(tmp_path, monkeypatch):
-    """With 2 jobs, a cached arm at the head of the plan must not leave a worker idle: the two arms after
-    it run at the same time (each waits at a barrier for the other)."""
+    """With 2 jobs, a cached arm must not take a worker's slot: it is reported first (so the results
+    written hold every finished arm), and the two other arms run at the same time (each waits at a
+    barrier for the other)."""
     import concurrent.futures
     import threading
 
@@ -272,7 +273,8 @@ def test_parallel_arms_fill_every_slot_after_a_cached_arm(tmp_path, monkeypatch)
     s = Settings.quick_settings(out=str(tmp_path / "runs"))
     data = tmp_path / "data"
     arms = [Arm(name=f"arm {i}", model=base_model(s), lr=1e-3 * (i + 1), seed=0) for i in range(3)]
-    cached = runner.arm_dir(s, arms[0], data)
+    arms = arms[1:] + arms[:1]  # the cached arm last in the plan
+    cached = runner.arm_dir(s, arms[-1], data)
     cached.mkdir(parents=True)
     fields = {"val_ppl": 3.0, "train_tokens_per_s": 1.0, "wall_s": 1.0}
     (cached / "arm.json").write_text(json.dumps({"name": "arm 0", "val_loss": 1.0, "run_dir": str(cached), **fields}))
@@ -289,4 +291,4 @@ def test_parallel_arms_fill_every_slot_after_a_cached_arm(tmp_path, monkeypatch)
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
     monkeypatch.setattr(runner, "_run_arm_job", job)
     rows = runner.run_plan(s, lambda done: arms, data, jobs=2)
-    assert sorted(r["name"] for r in rows) == ["arm 0", "arm 1", "arm 2"]
+    assert rows[0]["name"] == "arm 0" and sorted(r["name"] for r in rows) == ["arm 0", "arm 1", "arm 2"]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from memoryformer import kernels as _kernels
 from memoryformer.core.config import ModelConfig
-from memoryformer.core.layer import MemoryLayer
+from memoryformer.core.layer import MemoryLayer, shared_hash_forward
 from memoryformer.core.linear_attention import make_attention
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +160,10 @@ class MemoryAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
         """(B, T, d) -> (B, T, d)."""
-        hashed = self.q_proj.hash(x)  # one hash for all three: the input is the same
-        q = _split_heads(self.q_proj(x, hashed), self.n_heads)
-        k = _split_heads(self.k_proj(x, hashed), self.n_heads)
-        v = _split_heads(self.v_proj(x, hashed), self.n_heads)
-        return _attend(q, k, v, rope, cache, self.layer)
+        # one hash for all three (the input is the same); one fused op where the kernels apply
+        q, k, v = shared_hash_forward(x, [self.q_proj, self.k_proj, self.v_proj])
+        return _attend(_split_heads(q, self.n_heads), _split_heads(k, self.n_heads), _split_heads(v, self.n_heads),
+                       rope, cache, self.layer)
 
 
 class MemoryBlockMLP(nn.Module):

@@ -575,6 +575,12 @@ def _layer(x: Tensor, table: Tensor, bias: Tensor | None, tau: int, weighting: s
     return reference_memory_layer(x, table, bias, tau, weighting, temperature, hashed)
 
 
+def _shared_layers(x: Tensor, tables: list[Tensor], biases: list[Tensor | None], tau: int, weighting: str,
+                   temperature: float) -> list[Tensor] | None:
+    """Several tables under one hash of x through one fused kernel op, or None (then hash, gather each)."""
+    return _kernels.try_memory_layers(x, tables, biases, tau, weighting, temperature)
+
+
 # ---- functional API (checked) -------------------------------------------------------------------
 def memory_hash(x: Tensor, tau: int, weighting: str = "prob", temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Hash x chunk by chunk: x (..., K * tau) -> rows (..., K) int64 (`k * 2**tau + bucket`) and
@@ -616,6 +622,37 @@ def memory_layer(
     if hashed is not None:
         check_hashed(hashed, x.shape[:-1], k)
     return _layer(x, table, bias, tau, weighting, temperature, hashed)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones), which a fused op would skip."""
+    from torch.nn.modules import module as hooks
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def shared_hash_forward(x: Tensor, layers: list[MemoryLayer]) -> list[Tensor]:
+    """Memory Layers reading the same input with the same hash settings (MemoryAttention's Q, K, V):
+    x (..., in_features) -> [(..., out_features_i)], hashing x once.
+
+    Plain MemoryLayers go through one fused op on the kernels (one hash, one sort of the tokens by
+    bucket, every table's gather; one op in the backward too); other layers (quantized subclasses),
+    layers with module hooks (which must see their call) and the reference path hash once and call each
+    layer with that hash."""
+    first = layers[0]
+    check_input(x, first.in_features)
+    spec = (first.in_features, first.tau, first.weighting, first.temperature)
+    if any((m.in_features, m.tau, m.weighting, m.temperature) != spec for m in layers[1:]):
+        raise ValueError("shared_hash_forward needs layers with the same in_features, tau, weighting and temperature")
+    if all(type(m).forward is MemoryLayer.forward and not _has_hooks(m) for m in layers):
+        fast = _shared_layers(x, [m.table for m in layers], [m.bias for m in layers], first.tau, first.weighting,
+                              first.temperature)
+        if fast is not None:
+            return fast
+    hashed = first.hash(x)
+    return [m(x, hashed) for m in layers]
 
 
 class MemoryLayer(nn.Module):
@@ -848,11 +885,10 @@ class MemoryAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
         """(B, T, d) -> (B, T, d)."""
-        hashed = self.q_proj.hash(x)  # one hash for all three: the input is the same
-        q = _split_heads(self.q_proj(x, hashed), self.n_heads)
-        k = _split_heads(self.k_proj(x, hashed), self.n_heads)
-        v = _split_heads(self.v_proj(x, hashed), self.n_heads)
-        return _attend(q, k, v, rope, cache, self.layer)
+        # one hash for all three (the input is the same); one fused op where the kernels apply
+        q, k, v = shared_hash_forward(x, [self.q_proj, self.k_proj, self.v_proj])
+        return _attend(_split_heads(q, self.n_heads), _split_heads(k, self.n_heads), _split_heads(v, self.n_heads),
+                       rope, cache, self.layer)
 
 
 class MemoryBlockMLP(nn.Module):

@@ -74,7 +74,7 @@ from memoryformer.kernels.decode_inputs import DecodeBlock, DecodeScales, Decode
 __all__ = [
     "BACKENDS", "DecodeBlock", "DecodeScales", "DecodeSettings", "DecodeWeights", "backend", "decode_block",
     "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash", "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
-    "supported", "try_decode_block", "try_memory_hash", "try_memory_layer",
+    "supported", "try_decode_block", "try_memory_hash", "try_memory_layer", "try_memory_layers",
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -311,6 +311,25 @@ def try_memory_hash(x: Tensor, tau: int, weighting: str, temperature: float) -> 
     w, rows = _op("hash", _grad(x))(_flat(x), tau, weighting, float(temperature))
     lead = x.shape[:-1]
     return rows.reshape(*lead, rows.shape[-1]), w.reshape(*lead, w.shape[-1])
+
+
+def try_memory_layers(x: Tensor, tables: list[Tensor], biases: list[Tensor | None], tau: int, weighting: str,
+                      temperature: float) -> list[Tensor] | None:
+    """The shared-hash hook (`core.layer.shared_hash_forward`): every table's output from one fused op,
+    or None for the caller's path (backend "torch", unsupported tensors, unbuilt kernels, or a shape
+    where the "auto" table prefers the pure path). Inputs are already validated."""
+    if get_backend() == "torch" or torch.jit.is_scripting() or not supported(x, *tables):
+        return None
+    if any(b is not None and (not b.is_cpu or b.dtype not in _DTYPES) for b in biases):
+        return None
+    grad = _grad(x, *tables, *biases)
+    n = x.numel() // x.shape[-1]
+    if get_backend() == "auto" and not all(_use_kernels(n, t.shape[1], tau, grad) for t in tables):
+        return None
+    if not _loader._state["ok"] and not load():
+        return None
+    outs = _op("memory_layer", grad)(_flat(x), list(tables), _biases(x, biases), tau, weighting, float(temperature))
+    return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
 
 
 def try_memory_layer(

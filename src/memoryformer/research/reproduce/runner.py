@@ -278,7 +278,11 @@ def _pending(s: Settings, plan: Plan, data: Path, rows: Sequence[dict[str, Any]]
 
 def _run_serial(s: Settings, plan: Plan, data: Path, rows: list[dict[str, Any]], finished) -> None:
     while todo := _pending(s, plan, data, rows, set()):
-        finished(run_arm(s, todo[0], data))
+        cached = [row for arm in todo if (row := _cached_row(arm, arm_dir(s, arm, data))) is not None]
+        for row in cached:  # all of them first, so the results written hold every finished arm
+            finished(row)
+        if not cached:
+            finished(run_arm(s, todo[0], data))
 
 
 def _run_parallel(s: Settings, plan: Plan, data: Path, rows: list[dict[str, Any]], finished, jobs: int) -> None:
@@ -292,14 +296,15 @@ def _run_parallel(s: Settings, plan: Plan, data: Path, rows: list[dict[str, Any]
         running: dict[Any, Path] = {}
         try:
             while True:
-                while len(running) < jobs:  # re-plan after every arm: a cached one frees its slot at once
+                while len(running) < jobs:  # re-plan after every change: a cached arm needs no slot
                     todo = _pending(s, plan, data, rows, set(running.values()))
+                    cached = [row for arm in todo if (row := _cached_row(arm, arm_dir(s, arm, data))) is not None]
+                    for row in cached:  # all of them first, so the results written hold every finished arm
+                        finished(row)
+                    if cached:
+                        continue
                     if not todo:
                         break
-                    cached = _cached_row(todo[0], arm_dir(s, todo[0], data))
-                    if cached is not None:  # no process needed
-                        finished(cached)
-                        continue
                     running[pool.submit(_run_arm_job, settings, todo[0], str(data))] = arm_dir(s, todo[0], data)
                 if not running:
                     return
