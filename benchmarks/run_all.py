@@ -170,9 +170,12 @@ TARGETS = (
            {"d": 1024, "n": 2048, "mode": "fwd+bwd", "dtype": "fp32"}, 1.5),
     Target("d", f"{LAYER_TEXT}, forward, N = 2048 (stretch)", "layer",
            {"d": 1024, "n": 2048, "mode": "fwd", "dtype": "fp32"}, 1.0),
+    Target("f", "MemoryLayer(d, d, 'l1') / official CPU kernels time, fp32, forward, max over N and d",
+           "official_kernels", {"case": "max over N and d"}, 1.0),
 )
-# time fields of layer and model rows: (ours, dense, our label, dense label)
-TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"))
+# time fields of layer, model and official_kernels rows: (ours, baseline, our label, baseline label)
+TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"),
+              ("ours_ms", "official_ms", "ours", "official"))
 PRECISION_LIMITS = {"bf16": 1e-2, "int8": 2e-2}
 # precision.json fields (memoryformer.inference.quantize.precision_report): what each error measures
 PRECISION_ERRORS = (("layer_rel_err", "one Memory Layer (fp32 model's inputs)"),
@@ -313,7 +316,8 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
         lines += ["No benchmark was run for this summary: it is rebuilt from the JSON results below.", ""]
     lines += ["## Targets", "",
               "a-d are time ratios, ours over the dense baseline's, timed alternately in one process "
-              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones.", "",
+              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones. "
+              "f is a time ratio too, ours over the official MemoryFormer kernels'.", "",
               "| | target | limit | measured | status | from |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['key']} | {_cell(r['target'])} | {_limit(r['limit'])} | {_cell(r['measured'])} | "
