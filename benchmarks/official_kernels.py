@@ -281,7 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.d = args.d or list(QUICK_D if args.quick else FULL_D)
     args.n = args.n or list(QUICK_N if args.quick else FULL_N)
-    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.rounds = args.rounds if args.rounds is not None else 1 if args.quick else 5
     return args
 
 

@@ -92,6 +92,9 @@ def test_quick_and_default_sizes() -> None:
     assert (quick.d, quick.n, quick.rounds) == ([512], [1, 100, 2048], 1)
     full = official_kernels.parse_args(["--n", "8"])
     assert (full.d, full.n, full.rounds) == ([512, 1024], [8], 5)
+    for bad in (["--d", "12"], ["--n", "0"], ["--rounds", "0"]):
+        with pytest.raises(official_kernels.OfficialError, match="must be positive"):
+            official_kernels.check_sizes(official_kernels.parse_args(bad))
 
 
 # ---- the official sources: checks, flags, commit ----------------------------------------------------------
