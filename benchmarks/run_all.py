@@ -1,14 +1,17 @@
 """Run every benchmark, each in a fresh process, then write results/SUMMARY.md and results/summary.json.
 
-    python benchmarks/run_all.py [--quick] [--bf16] [--only NAME ...]
+    python benchmarks/run_all.py [--quick] [--bf16] [--only NAME ...] [--official-src DIR]
     python benchmarks/run_all.py --summary-only      # rebuild the summary from the JSON already there
 
 Benchmarks (--only names): layer (layer.py), model_tiny (model.py --pair tiny), model_tiny_bf16 (model.py
---pair tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units) and precision
-(precision.py, when that script exists). Each runs as its own subprocess, so each has a clean process and its
-own peak memory. --quick passes each script the reduced-size flags it has (fewer rounds and sizes, no train
-step or memory pass; for precision.py fewer training steps and windows, trained in runs/precision-quick);
-quick results overwrite the full ones, and their command line in the summary says so.
+--pair tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units), precision
+(precision.py, when that script exists) and official_kernels (official_kernels.py: our kernels against the
+official MemoryFormer CPU kernels built from DIR; run only with --official-src DIR, a checkout of
+https://github.com/C0-Design/MemoryFormer, else skipped with one line in the summary). Each runs as its own
+subprocess, so each has a clean process and its own peak memory. --quick passes each script the reduced-size
+flags it has (fewer rounds and sizes, no train step or memory pass; for precision.py fewer training steps and
+windows, trained in runs/precision-quick); quick results overwrite the full ones, and their command line in
+the summary says so.
 
 The summary holds the performance targets (each MET or MISSED, read from the JSON results), the source files
 with their machine, date and command, and every results table. A failing benchmark is reported there and
@@ -26,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,6 +50,7 @@ class Bench:
     stem: str
     quick: tuple[tuple[str, ...], ...]  # flag groups for --quick, each passed only if the script has its flag
     opt_in: bool = False  # run only when asked for (--bf16 or --only)
+    needs: tuple[str, str] | None = None  # (run_all option passed through, what it names); skipped without it
 
 
 MODEL_QUICK = (("--rounds", "1"), ("--skip-train",), ("--skip-memory",))
@@ -59,6 +63,8 @@ BENCHES = (
     Bench("precision", "precision.py", (), "precision",  # quick: a shorter training run, kept apart
           (("--quick",), ("--rounds", "1"), ("--steps", "10"), ("--windows", "4"),
            ("--work", "runs/precision-quick"))),
+    Bench("official_kernels", "official_kernels.py", (), "official_kernels", (("--quick",),),
+          needs=("--official-src", "DIR, a checkout of https://github.com/C0-Design/MemoryFormer")),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 
@@ -91,6 +97,7 @@ class RunResult:
     returncode: int
     seconds: float
     tail: list[str] = field(default_factory=list)  # last output lines, kept for failures
+    skipped: str = ""  # why it was not run (a missing option it needs), or ""
 
     @property
     def ok(self) -> bool:
@@ -116,6 +123,20 @@ def run_bench(bench: Bench, quick: bool, bench_dir: Path = HERE) -> RunResult:
     seconds = time.perf_counter() - t0
     log(f"{bench.name}: exit {proc.returncode} after {seconds:.0f} s")
     return RunResult(bench.name, shown, proc.returncode, seconds, list(tail))
+
+
+def run_or_skip(bench: Bench, args: argparse.Namespace) -> RunResult:
+    """run_bench, with the run_all option the bench needs (Bench.needs) passed through; skipped without it."""
+    if bench.needs is None:
+        return run_bench(bench, args.quick)
+    flag, what = bench.needs
+    value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+    if value is None:
+        reason = f"not run: it needs {flag} {what}"
+        log(f"{bench.name}: skipped ({reason})")
+        return RunResult(bench.name, "", 0, 0.0, skipped=reason)
+    path = str(Path(value).expanduser().resolve())  # the bench runs from the repository root
+    return run_bench(replace(bench, args=(*bench.args, flag, path)), args.quick)
 
 
 def log(msg: str) -> None:
@@ -149,9 +170,12 @@ TARGETS = (
            {"d": 1024, "n": 2048, "mode": "fwd+bwd", "dtype": "fp32"}, 1.5),
     Target("d", f"{LAYER_TEXT}, forward, N = 2048 (stretch)", "layer",
            {"d": 1024, "n": 2048, "mode": "fwd", "dtype": "fp32"}, 1.0),
+    Target("f", "MemoryLayer(d, d, 'l1') / official CPU kernels time, fp32, forward, max over N and d",
+           "official_kernels", {"case": "max over N and d"}, 1.0),
 )
-# time fields of layer and model rows: (ours, dense, our label, dense label)
-TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"))
+# time fields of layer, model and official_kernels rows: (ours, baseline, our label, baseline label)
+TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"),
+              ("ours_ms", "official_ms", "ours", "official"))
 PRECISION_LIMITS = {"bf16": 1e-2, "int8": 2e-2}
 # precision.json fields (memoryformer.inference.quantize.precision_report): what each error measures
 PRECISION_ERRORS = (("layer_rel_err", "one Memory Layer (fp32 model's inputs)"),
@@ -292,7 +316,8 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
         lines += ["No benchmark was run for this summary: it is rebuilt from the JSON results below.", ""]
     lines += ["## Targets", "",
               "a-d are time ratios, ours over the dense baseline's, timed alternately in one process "
-              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones.", "",
+              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones. "
+              "f is a time ratio too, ours over the official MemoryFormer kernels'.", "",
               "| | target | limit | measured | status | from |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['key']} | {_cell(r['target'])} | {_limit(r['limit'])} | {_cell(r['measured'])} | "
@@ -300,6 +325,9 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
     if runs is not None:
         lines += ["", "## Runs", "", "| benchmark | command | exit | seconds |", "|---|---|---|---|"]
         for r in runs:
+            if r.skipped:
+                lines.append(f"| {r.name} | {_cell(r.skipped)} | skipped | |")
+                continue
             lines.append(f"| {r.name} | `{_cell(r.command)}` | {r.returncode}{'' if r.ok else ' FAILED'} | "
                          f"{r.seconds:.0f} |")
         for r in runs:
@@ -342,6 +370,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run only these benchmarks: {', '.join(BY_NAME)}")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing; rebuild SUMMARY.md and summary.json from the JSON results")
+    parser.add_argument("--official-src", metavar="DIR",
+                        help="a checkout of the official MemoryFormer code (git clone "
+                             "https://github.com/C0-Design/MemoryFormer): runs official_kernels, passing it on")
     parser.add_argument("--results-dir", type=Path, default=RESULTS,
                         help="with --summary-only: where the results are read and the summary written "
                              "(default benchmarks/results, where the benchmarks write)")
@@ -352,20 +383,21 @@ def command_line(args: argparse.Namespace, prog: str = PROG) -> str:
     parts = [prog] + ["--quick"] * args.quick + ["--bf16"] * args.bf16
     parts += ["--only", *args.only] if args.only else []
     parts += ["--summary-only"] * args.summary_only
+    parts += ["--official-src", args.official_src] if args.official_src else []
     parts += ["--results-dir", str(args.results_dir)] if Path(args.results_dir) != RESULTS else []
     return " ".join(shlex.quote(p) if i else p for i, p in enumerate(parts))
 
 
 def run(args: argparse.Namespace, prog: str = PROG) -> int:
     """Run the selected benchmarks (unless --summary-only), then write the summary; 1 if any failed."""
-    if args.summary_only and (args.quick or args.bf16 or args.only):
-        raise ValueError("--summary-only runs no benchmark; drop --quick, --bf16 and --only")
+    if args.summary_only and (args.quick or args.bf16 or args.only or args.official_src):
+        raise ValueError("--summary-only runs no benchmark; drop --quick, --bf16, --only and --official-src")
     if not args.summary_only and Path(args.results_dir) != RESULTS:
         raise ValueError(f"--results-dir needs --summary-only (the benchmarks always write to {RESULTS})")
     command = command_line(args, prog)
     runs = None
     if not args.summary_only:
-        runs = [run_bench(b, args.quick) for b in selected(args)]
+        runs = [run_or_skip(b, args) for b in selected(args)]
     path = write_summary(Path(args.results_dir), command=command, runs=runs)
     log(f"wrote {path} and summary.json")
     failed = [r.name for r in runs or [] if not r.ok]

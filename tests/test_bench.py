@@ -60,14 +60,14 @@ def test_targets_met_and_missed(tmp_path) -> None:
     fake_results(tmp_path)
     rows = run_all.targets(run_all.load_results(tmp_path))
     assert [(r["key"], r["status"]) for r in rows] == [
-        ("a", "MET"), ("b", "MISSED"), ("b", "reported"), ("c", "MET"), ("d", "MISSED"),
+        ("a", "MET"), ("b", "MISSED"), ("b", "reported"), ("c", "MET"), ("d", "MISSED"), ("f", "NO DATA"),
         ("e", "MET"), ("e", "MET"), ("e", "MET"), ("e", "MISSED")]
     # the fp32 d = 1024 rows; per layer then whole model for bf16, then int8 (head rows ignored)
-    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, 2e-3, 5e-3, 1e-2, 3e-2]
+    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, None, 2e-3, 5e-3, 1e-2, 3e-2]
     assert rows[0]["measured"] == "0.2 (MemoryLayer 0.2 ms, Linear 1 ms)"
     assert rows[1]["measured"] == "0.6 (MF 6 ms, dense 10 ms)"
-    assert rows[6]["measured"] == "0.005; perplexity change -0.02 (-0.2%)"
-    assert rows[6]["ppl_delta"] == -0.02 and rows[8]["limit"] == 2e-2
+    assert rows[7]["measured"] == "0.005; perplexity change -0.02 (-0.2%)"
+    assert rows[7]["ppl_delta"] == -0.02 and rows[9]["limit"] == 2e-2
 
 
 def test_status_boundaries() -> None:
@@ -81,9 +81,9 @@ def test_status_boundaries() -> None:
 def test_missing_files_and_rows(tmp_path) -> None:
     write(tmp_path, "layer", [layer_row(1, "fwd", 0.1)])  # no N = 2048 rows, no model or precision file
     rows = run_all.targets(run_all.load_results(tmp_path))
-    assert [r["status"] for r in rows] == ["MET"] + ["NO DATA"] * 8
+    assert [r["status"] for r in rows] == ["MET"] + ["NO DATA"] * 9
     assert rows[1]["measured"] == "no model_tiny_fp32.json" and "no row" in rows[3]["measured"]
-    assert rows[5]["measured"] == "no precision.json"
+    assert rows[5]["measured"] == "no official_kernels.json" and rows[6]["measured"] == "no precision.json"
     (tmp_path / "broken.json").write_text("{not json")
     assert set(run_all.load_results(tmp_path)) == {"layer"}
     text, payload = run_all.build_summary(tmp_path / "empty")
@@ -106,7 +106,7 @@ def test_summary_only_writes_summary(tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["command"] == f"python benchmarks/run_all.py --summary-only --results-dir {tmp_path}"
     assert summary["machines"] == ["Test CPU, 2 threads, torch 9.9.9"] and summary["runs"] is None
-    statuses = ["MET", "MISSED", "reported", "MET", "MISSED", "MET", "MET", "MET", "MISSED"]
+    statuses = ["MET", "MISSED", "reported", "MET", "MISSED", "NO DATA", "MET", "MET", "MET", "MISSED"]
     assert [r["status"] for r in summary["targets"]] == statuses
     assert "Test CPU, 2 threads, torch 9.9.9" in text and summary["command"] in text
     assert "No benchmark was run" in text
