@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from memoryformer import cli
+from memoryformer import LanguageModel, ModelConfig, cli
 from memoryformer.commands import bench
+from memoryformer.core.layer import MemoryLayer
+from memoryformer.inference.quantize import Int8MemoryLayer, quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import model as model_bench  # noqa: E402
 import run_all  # noqa: E402
 
 MACHINE = {"cpu": "Test CPU", "torch_threads": 2, "torch": "9.9.9"}
@@ -205,3 +209,94 @@ def test_cli_bench_without_benchmarks_dir(tmp_path, monkeypatch, capsys) -> None
     assert "source repository" in message
     with pytest.raises(FileNotFoundError, match="source repository"):
         bench.run(argparse.Namespace())
+
+
+# ---- model.py: case names, the bytes of a decode step, the bound -----------------------------------------
+
+
+# hand counts for mf-test (d 64, 2 layers, tau 4, e 2: K = 16 tables, ML1 out 16 * 6 = 96, vocab 256) and
+# pythia-test (d 64, 2 layers, MLP 256, vocab 256) after 10 cached tokens, float32 unless told
+MF_ROWS = 16 * (64 + 64 + 64 + 96 + 64) * 4          # Q, K, V, ML1, ML2: 16 rows each = 22,528 a block
+MF_VECTORS = (3 * 64 + 96 + 64) * 4 + (64 + 64 + 96 + 96) * 4  # five biases; two RMSNorms, LayerNorm
+DENSE_WEIGHTS = (192 * 64 + 64 * 64 + 256 * 64 + 64 * 256) * 4  # 196,608 a block
+DENSE_VECTORS = (192 + 64 + 256 + 64) * 4 + 4 * 64 * 4         # four biases; two LayerNorms
+KV = 2 * 11 * 64 * 4                                            # keys and values of 11 positions
+
+
+def test_decode_bytes_hand_count() -> None:
+    mf, dense = ModelConfig.from_preset("mf-test"), ModelConfig.from_preset("pythia-test")
+    got = model_bench.decode_bytes(mf, 10)
+    assert got == {"weights": 2 * MF_ROWS, "kv_cache": 2 * KV, "vectors": 2 * MF_VECTORS + (64 + 64) * 4,
+                   "head": 0, "total": 2 * (MF_ROWS + MF_VECTORS + KV) + 512}
+    assert got["total"] == 62208
+    int8 = model_bench.decode_bytes(mf, 10, weights="int8", head="int8")
+    assert int8["weights"] == 2 * 16 * ((64 + 4) * 4 + (96 + 4))  # a float32 scale per row read
+    assert int8["vectors"] == got["vectors"] and int8["head"] == 256 * (64 + 4)
+    assert model_bench.decode_bytes(mf, 10, weights="bf16", head="fp32")["weights"] == MF_ROWS  # 2 layers x half
+    assert model_bench.decode_bytes(mf, 10, head="bf16")["head"] == 256 * 64 * 2
+    got = model_bench.decode_bytes(dense, 10, head="fp32")
+    assert got == {"weights": 2 * DENSE_WEIGHTS, "kv_cache": 2 * KV, "vectors": 2 * DENSE_VECTORS + (64 + 128) * 4,
+                   "head": 256 * 64 * 4, "total": 2 * (DENSE_WEIGHTS + DENSE_VECTORS + KV) + 768 + 65536}
+    int8 = model_bench.decode_bytes(dense, 10, weights="int8")
+    assert int8["weights"] == 2 * (DENSE_WEIGHTS // 4 + 576 * 4)  # + a float32 scale per output row
+    bf16_model = model_bench.decode_bytes(dense, 10, weights="bf16", float_bytes=2)  # a bf16 model: all halved
+    assert bf16_model["total"] * 2 == model_bench.decode_bytes(dense, 10)["total"]
+    assert model_bench.decode_bytes(dense, 1000)["kv_cache"] == 2 * 2 * 1001 * 64 * 4
+    with pytest.raises(ValueError, match="softmax"):
+        model_bench.decode_bytes(ModelConfig.from_preset("pythia-test", attention="performer"), 10)
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def read_per_token(model: LanguageModel) -> int:
+    """What the built model's blocks, embedding row and final norm hold that one token reads: K rows of
+    every Memory Layer table (+ int8 scales) and its bias; every other block tensor whole."""
+    total = model.embed.weight[0].numel() * model.embed.weight.element_size()
+    total += _tensor_bytes(*model.norm.parameters())
+    for block in model.blocks:
+        layers = [m for m in block.modules() if hasattr(m, "num_tables") and hasattr(m, "table")]
+        for m in layers:
+            total += m.num_tables * m.table.shape[1] * m.table.element_size() + _tensor_bytes(m.bias)
+            total += m.num_tables * 4 if isinstance(m, Int8MemoryLayer) else 0
+        inside = {id(t) for m in layers for t in (*m.parameters(), *m.buffers())}
+        total += _tensor_bytes(*(t for t in (*block.parameters(), *block.buffers()) if id(t) not in inside))
+    return total
+
+
+@pytest.mark.parametrize("preset", ["mf-test", "pythia-test"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+def test_decode_bytes_agree_with_the_built_model(preset, weights) -> None:
+    """The formula against the tensors of the model (and of its quantized copies) the benchmark times."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.from_preset(preset))
+    arch = "tables" if preset.startswith("mf") else "blocks"
+    q = model if weights == "fp32" else quantize_model(model, **{arch: weights}, head=weights)
+    assert any(isinstance(m, MemoryLayer) for m in model.modules()) == (arch == "tables")
+    parts = model_bench.decode_bytes(model.config, 10, weights=weights, head=weights)
+    assert parts["weights"] + parts["vectors"] == read_per_token(q)
+    head = q.head.weight_bytes() if weights != "fp32" else _tensor_bytes(q.head.weight)
+    assert parts["head"] == head
+
+
+def test_decode_bytes_of_a_bf16_model_with_int8_tables() -> None:
+    """Quantized layers keep float32 biases in a bf16 model; its norms, embedding and cache are bf16."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.from_preset("mf-test")).to(torch.bfloat16)
+    q = quantize_model(model, tables="int8")
+    parts = model_bench.decode_bytes(model.config, 10, weights="int8", float_bytes=2)
+    assert parts["weights"] + parts["vectors"] == read_per_token(q)
+    assert parts["vectors"] == 2 * ((3 * 64 + 96 + 64) * 4 + (64 + 64 + 96 + 96) * 2) + (64 + 64) * 2
+    assert parts["kv_cache"] == KV  # 2 layers at half the bytes
+
+
+def test_bound_seconds() -> None:
+    parts = {"weights": 4e9, "kv_cache": 1e9, "vectors": 0, "head": 1e9, "total": 6e9}
+    assert model_bench.bound_seconds(parts, 2e9, 4e9) == pytest.approx(2.0 + 0.5)  # rows gathered, rest streamed
+    assert model_bench.bound_seconds(parts, None, 4e9) == pytest.approx(1.5)  # dense: all streamed
+
+
+def test_filled_table_shape() -> None:
+    table = model_bench._filled_table(1, 128, huge_pages=False)  # 1 MB of 512-byte rows
+    assert table.shape == (2048, 128) and table.dtype == torch.float32 and bool((table == 1).all())
