@@ -16,8 +16,10 @@ from memoryformer.core.layer import MemoryLayer
 from memoryformer.inference.quantize import Int8MemoryLayer, quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
 import model as model_bench  # noqa: E402
 import run_all  # noqa: E402
+import scaling_cost  # noqa: E402
 
 MACHINE = {"cpu": "Test CPU", "torch_threads": 2, "torch": "9.9.9"}
 
@@ -300,3 +302,42 @@ def test_bound_seconds() -> None:
 def test_filled_table_shape() -> None:
     table = model_bench._filled_table(1, 128, huge_pages=False)  # 1 MB of 512-byte rows
     assert table.shape == (2048, 128) and table.dtype == torch.float32 and bool((table == 1).all())
+
+
+# ---- scaling_cost.py ------------------------------------------------------------------------------------
+
+
+def sweep_rows(ratios: list[float], sweep: str = "batch", head: bool = False) -> list[dict]:
+    return [{"sweep": sweep, "batch": 2**i, "context": 128, "tokens": 2**i, "head": head, "mf_ms": r,
+             "dense_ms": 1.0, "ratio": r} for i, r in enumerate(ratios)]
+
+
+def test_crossing() -> None:
+    assert scaling_cost.crossing(sweep_rows([0.5, 0.8, 1.2, 2.0]), "batch") == "crosses between batch=2 and batch=4"
+    assert scaling_cost.crossing(sweep_rows([0.5, 0.9]), "batch") == "MemoryFormer faster at every point"
+    assert scaling_cost.crossing(sweep_rows([1.5, 1.1]), "batch") == "dense faster at every point"
+    assert scaling_cost.crossing([], "batch") == "no points"
+    rows = sweep_rows([2.0, 0.5], head=True) + sweep_rows([0.5], sweep="context")
+    assert [r["batch"] for r in scaling_cost.series(rows[::-1], "batch", True)] == [1, 2]
+
+
+def test_scaling_cost_writes_without_matplotlib(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(scaling_cost, "RESULTS", tmp_path)
+    scaling_cost.write(sweep_rows([0.5, 2.0]), ("mf-x", "dense-x"), "scaling_cost")
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed: plots skipped" in out and "Traceback" not in out
+    payload = json.loads((tmp_path / "scaling_cost.json").read_text())
+    assert payload["plots"] == [] and payload["crossings"] == {"batch, blocks": "crosses between batch=1 and batch=2"}
+    assert not list(tmp_path.glob("*.png")) and "crosses between" in (tmp_path / "scaling_cost.md").read_text()
+
+
+def test_scaling_cost_plots(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = sweep_rows([0.5, 2.0]) + sweep_rows([0.5, 0.6], head=True) + sweep_rows([3.0, 1.0], sweep="train")
+    for r in rows[-2:]:
+        r["tokens"] *= 128
+    paths = scaling_cost.plot(rows, ("mf-x", "dense-x"), tmp_path, "s")
+    assert [p.name for p in paths] == ["s_batch.png", "s_train.png"]  # no context points: no plot
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
