@@ -1,4 +1,5 @@
-"""benchmarks/run_all.py (targets, summary, runs) and `memoryformer bench`, on fake results: no timing."""
+"""benchmarks/run_all.py (targets, summary, runs) and `memoryformer bench`, on fake results; the byte counts
+and helpers of model.py and scaling_cost.py. No timing."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def layer_row(n: int, mode: str, ratio: float, dtype: str = "fp32", d: int = 102
             "memory_ms": ratio, "ratio": ratio}
 
 
-def model_row(head: bool, ratio: float, case: str = "decode b=1 ctx=128") -> dict:
-    return {"case": case, "head": head, "mf_ms": 10.0 * ratio, "dense_ms": 10.0, "ratio": ratio}
+def model_row(head: bool, ratio: float, case: str = "decode b=1 ctx=128", **fields) -> dict:
+    return {"case": case, "head": head, "mf_ms": 10.0 * ratio, "dense_ms": 10.0, "ratio": ratio, **fields}
 
 
 def write(results: Path, stem: str, rows: list[dict] | None = None, title: str = "", **extra) -> None:
@@ -42,13 +43,19 @@ def write(results: Path, stem: str, rows: list[dict] | None = None, title: str =
 
 
 def fake_results(results: Path) -> None:
-    """a MET (0.2 is at the limit), b MISSED, c MET, d MISSED; precision: bf16 MET/MET, int8 MET/MISSED."""
+    """a MET (0.2 is at the limit), b MISSED, c MET, d MISSED; precision: bf16 MET/MET, int8 MET/MISSED;
+    f MET (0.85, at the limit), g MISSED, h MET; i: 6 ms MISSED, 1.5 x the bound MET; j reported (4 rows)."""
     write(results, "layer", [layer_row(1, "fwd", 0.2), layer_row(1, "fwd", 0.01, dtype="bf16"),
                              layer_row(2048, "fwd+bwd", 1.2), layer_row(2048, "fwd", 1.3),
                              layer_row(2048, "fwd", 0.5, d=512)], title="MemoryLayer vs nn.Linear")
-    write(results, "model_tiny_fp32", [model_row(True, 0.8), model_row(False, 0.6),
-                                       model_row(False, 0.01, case="decode b=8 ctx=128")],
-          title="mf-tiny vs pythia")
+    like = [model_row(head, r, case=run_all.like_case(p, head))
+            for (p, head), r in zip([(p, h) for p in ("bf16", "int8") for h in (False, True)], (0.3, 0.4, 0.5, 0.6))]
+    write(results, "model_tiny_fp32", [model_row(True, 0.8), model_row(False, 0.6, mf_bound_ms=4.0, mf_over_bound=1.5),
+                                       model_row(False, 0.01, case="decode b=8 ctx=128"),
+                                       model_row(True, 0.85, case="train step 4x512"),
+                                       model_row(True, 1.2, case="train step study-size 8x128"),
+                                       model_row(False, 0.1, case="prefill 512"), model_row(True, 0.7, case="prefill 512"),
+                                       *like], title="mf-tiny vs pythia")
     write(results, "precision", [precision_row("fp32", 0.0, 0.0, None, 0.0),
                                  precision_row("bf16-tables", 5e-3, 2e-3, 1e-2, -0.02),
                                  precision_row("int8-tables", 3e-2, 1e-2, 2e-2, 0.5),
@@ -62,18 +69,33 @@ def precision_row(option: str, rel_l2: float, layer: float, target: float | None
             "ppl_delta": ppl_delta, "ppl_delta_rel": ppl_delta / 10, "target": target}
 
 
+STATUSES = ["MET", "MISSED", "reported", "MET", "MISSED", "MET", "MET", "MET", "MISSED",
+            "MET", "MISSED", "MET", "MISSED", "MET"] + ["reported"] * 4
+
+
 def test_targets_met_and_missed(tmp_path) -> None:
     fake_results(tmp_path)
     rows = run_all.targets(run_all.load_results(tmp_path))
-    assert [(r["key"], r["status"]) for r in rows] == [
-        ("a", "MET"), ("b", "MISSED"), ("b", "reported"), ("c", "MET"), ("d", "MISSED"),
-        ("e", "MET"), ("e", "MET"), ("e", "MET"), ("e", "MISSED")]
-    # the fp32 d = 1024 rows; per layer then whole model for bf16, then int8 (head rows ignored)
-    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, 2e-3, 5e-3, 1e-2, 3e-2]
+    assert [(r["key"], r["status"]) for r in rows] == list(zip("abbcdeeeefghiijjjj", STATUSES, strict=True))
+    # the fp32 d = 1024 rows; per layer then whole model for bf16, then int8 (head rows ignored); the
+    # model rows by case and head; i: MF's own time (ms), then its ratio to the bound
+    assert [r["value"] for r in rows] == [0.2, 0.6, 0.8, 1.2, 1.3, 2e-3, 5e-3, 1e-2, 3e-2,
+                                          0.85, 1.2, 0.7, 6.0, 1.5, 0.3, 0.4, 0.5, 0.6]
     assert rows[0]["measured"] == "0.2 (MemoryLayer 0.2 ms, Linear 1 ms)"
     assert rows[1]["measured"] == "0.6 (MF 6 ms, dense 10 ms)"
     assert rows[6]["measured"] == "0.005; perplexity change -0.02 (-0.2%)"
     assert rows[6]["ppl_delta"] == -0.02 and rows[8]["limit"] == 2e-2
+    assert rows[12]["measured"] == "6 ms" and rows[12]["limit"] == 1.0
+    assert rows[13]["measured"] == "1.5 (MF 6 ms, bound 4 ms)" and rows[13]["limit"] == 2.0
+    assert [r["limit"] for r in rows[9:12]] == [0.85, 1.0, 0.8] and all(r["limit"] is None for r in rows[14:])
+    assert "bf16 tables vs bf16 block weights" in rows[14]["target"] and "int8 heads" in rows[17]["target"]
+
+
+def test_absolute_target_without_its_field(tmp_path) -> None:
+    write(tmp_path, "model_tiny_fp32", [model_row(False, 0.6)])  # no mf_over_bound: an older model.py
+    rows = {(r["key"], r["limit"]): r for r in run_all.targets(run_all.load_results(tmp_path))}
+    assert rows[("i", 1.0)]["status"] == "MISSED" and rows[("i", 2.0)]["status"] == "NO DATA"
+    assert rows[("i", 2.0)]["measured"].startswith("no row with mf_over_bound for")
 
 
 def test_status_boundaries() -> None:
@@ -87,7 +109,7 @@ def test_status_boundaries() -> None:
 def test_missing_files_and_rows(tmp_path) -> None:
     write(tmp_path, "layer", [layer_row(1, "fwd", 0.1)])  # no N = 2048 rows, no model or precision file
     rows = run_all.targets(run_all.load_results(tmp_path))
-    assert [r["status"] for r in rows] == ["MET"] + ["NO DATA"] * 8
+    assert [r["status"] for r in rows] == ["MET"] + ["NO DATA"] * 17
     assert rows[1]["measured"] == "no model_tiny_fp32.json" and "no row" in rows[3]["measured"]
     assert rows[5]["measured"] == "no precision.json"
     (tmp_path / "broken.json").write_text("{not json")
@@ -106,20 +128,21 @@ def test_summary_only_writes_summary(tmp_path, capsys) -> None:
     fake_results(tmp_path)
     write(tmp_path, "model_demo_fp32", [], title="mf-demo vs pythia-demo")
     write(tmp_path, "zzz_other", [], title="another")
+    write(tmp_path, "scaling_cost", [], title="Cost as work grows")
     assert run_all.main(["--summary-only", "--results-dir", str(tmp_path)]) == 0
     assert "wrote" in capsys.readouterr().err
     text = (tmp_path / "SUMMARY.md").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["command"] == f"python benchmarks/run_all.py --summary-only --results-dir {tmp_path}"
     assert summary["machines"] == ["Test CPU, 2 threads, torch 9.9.9"] and summary["runs"] is None
-    statuses = ["MET", "MISSED", "reported", "MET", "MISSED", "MET", "MET", "MET", "MISSED"]
-    assert [r["status"] for r in summary["targets"]] == statuses
+    assert [r["status"] for r in summary["targets"]] == STATUSES
     assert "Test CPU, 2 threads, torch 9.9.9" in text and summary["command"] in text
     assert "No benchmark was run" in text
     assert "| a | " in text and "| MISSED |" in text and "## Runs" not in text
     titles = [line for line in text.splitlines() if line.startswith("## ")]
     assert titles == ["## Targets", "## Sources", "## MemoryLayer vs nn.Linear", "## mf-tiny vs pythia",
-                      "## mf-demo vs pythia-demo", "## precision", "## another"]  # included, in order
+                      "## mf-demo vs pythia-demo", "## Cost as work grows", "## precision",
+                      "## another"]  # included, in order
     assert "summary" not in summary["sources"] and "(From [layer.md](layer.md).)" in text
     assert run_all.main(["--summary-only", "--results-dir", str(tmp_path)]) == 0  # ignores its own output
     assert json.loads((tmp_path / "summary.json").read_text())["targets"] == summary["targets"]
@@ -170,6 +193,8 @@ def test_quick_args_follow_the_scripts_flags(tmp_path) -> None:
                          "--dtypes", "fp32"]  # the quick flags come last: argparse keeps the last --rounds
     model = run_all.bench_command(run_all.BY_NAME["model_tiny"], quick=True)
     assert model[2:] == ["--pair", "tiny", "--rounds", "1", "--skip-train", "--skip-memory"]
+    scaling = run_all.bench_command(run_all.BY_NAME["scaling_cost"], quick=True)
+    assert scaling[1:] == ["benchmarks/scaling_cost.py", "--quick"]
 
 
 def test_selection(tmp_path) -> None:
@@ -178,9 +203,10 @@ def test_selection(tmp_path) -> None:
     (tmp_path / "model.py").touch()
     assert [b.name for b in run_all.selected(args, tmp_path)] == ["layer", "model_tiny"]  # no precision.py
     (tmp_path / "precision.py").touch()
+    (tmp_path / "scaling_cost.py").touch()
     args.bf16 = True
     names = [b.name for b in run_all.selected(args, tmp_path)]
-    assert names == ["layer", "model_tiny", "model_tiny_bf16", "precision"]
+    assert names == ["layer", "model_tiny", "model_tiny_bf16", "scaling_cost", "precision"]
     args.only = ["model_tiny_bf16", "layer", "layer"]
     assert [b.name for b in run_all.selected(args, tmp_path)] == ["model_tiny_bf16", "layer"]
 
@@ -214,6 +240,17 @@ def test_cli_bench_without_benchmarks_dir(tmp_path, monkeypatch, capsys) -> None
 
 
 # ---- model.py: case names, the bytes of a decode step, the bound -----------------------------------------
+
+
+def test_target_case_names_are_model_py_s() -> None:
+    """run_all finds model.py's rows by name: the names it matches are the ones model.py writes."""
+    tiny = {t.match["case"] for t in run_all.TARGETS if t.stem == "model_tiny_fp32"}
+    made = {"decode b=1 ctx=128", model_bench.TRAIN_CASE, model_bench.STUDY_CASE, model_bench.PREFILL_CASE}
+    made |= {model_bench.like_case(p, head) for p in model_bench.LIKE_FOR_LIKE for head in (False, True)}
+    assert tiny == made
+    assert model_bench.like_case("int8", True) == ("decode b=1 ctx=128, MF int8 tables + int8 head "
+                                                   "vs dense int8 blocks + int8 head")
+    assert model_bench.precision_label("dense", "bf16", None) == "bf16 blocks"
 
 
 # hand counts for mf-test (d 64, 2 layers, tau 4, e 2: K = 16 tables, ML1 out 16 * 6 = 96, vocab 256) and
