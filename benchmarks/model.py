@@ -409,6 +409,7 @@ def main() -> None:
     print(f"{'case':<40} {'head':>5} {'MF ms':>9} {'dense ms':>9} {'ratio':>6} {'MF/bound':>8}")
     for case in cases:
         rows.append(time_case(case, args.rounds, configs, float_bytes, bw))
+        case.fns.clear()  # frees the case's quantized copies and KV caches before the next
         r = rows[-1]
         print(f"{case.name[:40]:<40} {str(case.head):>5} {r['mf_ms']:>9.3f} {r['dense_ms']:>9.3f} {r['ratio']:>6.2f} "
               f"{r.get('mf_over_bound', float('nan')):>8.2f}", flush=True)
