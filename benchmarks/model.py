@@ -179,15 +179,22 @@ def bound_seconds(parts: dict[str, int], gather_bw: float | None, stream_bw: flo
 def random_row_bandwidth(row_bytes: int, *, table_mb: int = 512, rows_per_bag: int = 64, bags: int = 64,
                          rounds: int = 5, huge_pages: bool = True) -> float:
     """Bytes/s of summing random rows of `row_bytes` from a float32 table of `table_mb` MB (many times an
-    L3 cache): F.embedding_bag(mode="sum") over `bags` bags of `rows_per_bag` rows each (as a Memory
-    Layer sums K rows per token). The calls cycle through index sets drawn at random beforehand, enough
-    of them to touch half the table's bytes, so that the rows they read are not left in a cache."""
+    L3 cache): F.embedding_bag(mode="sum") with per-sample weights (the weighted sum a Memory Layer
+    takes; without them torch's CPU path costs time in proportion to the table's rows) over `bags`
+    bags of `rows_per_bag` rows each, as a Memory Layer sums K rows per token. The calls cycle through
+    index sets drawn at random beforehand, enough of them to touch half the table's bytes, so that the
+    rows they read are not left in a cache."""
     table = _filled_table(table_mb, row_bytes // 4, huge_pages)
     per_call = bags * rows_per_bag
     n_sets = max(2, table.shape[0] // (2 * per_call))
     sets = itertools.cycle([torch.randint(0, table.shape[0], (per_call,)) for _ in range(n_sets)])
-    offsets = torch.arange(0, bags * rows_per_bag, rows_per_bag)
-    t = time_interleaved({"gather": lambda: F.embedding_bag(next(sets), table, offsets, mode="sum")}, rounds=rounds)
+    offsets = torch.arange(0, per_call, rows_per_bag)
+    weights = torch.ones(per_call)
+
+    def gather():
+        return F.embedding_bag(next(sets), table, offsets, mode="sum", per_sample_weights=weights)
+
+    t = time_interleaved({"gather": gather}, rounds=rounds)
     return per_call * row_bytes / t["gather"]
 
 
