@@ -234,7 +234,7 @@ def ratio_target(t: Target, payload: dict | None) -> dict:
 
 def precision_targets(kind: str, payload: dict | None) -> list[dict]:
     """Target rows for `kind` tables from precision.json's "<kind>-tables" row: the relative error of one
-    Memory Layer and of the whole model's logits, each against the issue's limit, perplexity change noted."""
+    Memory Layer and of the whole model's logits, each against its limit (PRECISION_LIMITS), perplexity change noted."""
     limit = PRECISION_LIMITS[kind]
     row = find_row(payload, {"option": f"{kind}-tables"})
     ppl, ppl_rel = (_number(row.get("ppl_delta")), _number(row.get("ppl_delta_rel"))) if row else (None, None)

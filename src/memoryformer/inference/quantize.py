@@ -51,7 +51,7 @@ PRECISIONS = ("bf16", "int8")
 REFERENCE = "fp32"
 # the options precision_report measures by default; "+" combines a tables and a head option
 DEFAULT_OPTIONS = ("fp32", "bf16-tables", "int8-tables", "bf16-head", "int8-head", "int8-tables+int8-head")
-# targets on the relative L2 logit error (rel_l2_err, see precision_report), from the issue
+# targets on the relative L2 logit error (rel_l2_err, see precision_report)
 TARGETS = {"bf16-tables": 1e-2, "int8-tables": 2e-2}
 _GATHER_CHUNK = 1 << 22  # elements of the (tokens, K, out) dequantised rows built at a time
 
