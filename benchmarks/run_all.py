@@ -215,6 +215,11 @@ def find_row(payload: dict | None, match: dict) -> dict | None:
     return None
 
 
+def _ms(v: float) -> str:
+    """3 significant digits, whole milliseconds with separators from 1000 up (a training step)."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def ratio_target(t: Target, payload: dict | None) -> dict:
     """One target row: the measured value of `t.field` (a ratio with the two times it divides, or an
     absolute time with its unit) and its status."""
@@ -225,7 +230,7 @@ def ratio_target(t: Target, payload: dict | None) -> dict:
     elif value is None:
         measured = f"no row with {'a ratio' if t.field == 'ratio' else t.field} for {t.match}"
     else:
-        times = [f" ({la} {row[a]:.3g} ms, {lb} {row[b]:.3g} ms)" for a, b, la, lb in FIELD_TIMES.get(t.field, ())
+        times = [f" ({la} {_ms(row[a])} ms, {lb} {_ms(row[b])} ms)" for a, b, la, lb in FIELD_TIMES.get(t.field, ())
                  if _number(row.get(a)) is not None and _number(row.get(b)) is not None]
         measured = f"{value:.3g}{FIELD_UNITS.get(t.field, '')}" + "".join(times[:1])
     return {"key": t.key, "target": t.text, "limit": t.limit, "value": value, "measured": measured,

@@ -52,7 +52,7 @@ def fake_results(results: Path) -> None:
             for (p, head), r in zip([(p, h) for p in ("bf16", "int8") for h in (False, True)], (0.3, 0.4, 0.5, 0.6))]
     write(results, "model_tiny_fp32", [model_row(True, 0.8), model_row(False, 0.6, mf_bound_ms=4.0, mf_over_bound=1.5),
                                        model_row(False, 0.01, case="decode b=8 ctx=128"),
-                                       model_row(True, 0.85, case="train step 4x512"),
+                                       model_row(True, 0.85, case="train step 4x512", mf_ms=6800.0, dense_ms=8000.0),
                                        model_row(True, 1.2, case="train step study-size 8x128"),
                                        model_row(False, 0.1, case="prefill 512"), model_row(True, 0.7, case="prefill 512"),
                                        *like], title="mf-tiny vs pythia")
@@ -85,6 +85,7 @@ def test_targets_met_and_missed(tmp_path) -> None:
     assert rows[1]["measured"] == "0.6 (MF 6 ms, dense 10 ms)"
     assert rows[6]["measured"] == "0.005; perplexity change -0.02 (-0.2%)"
     assert rows[6]["ppl_delta"] == -0.02 and rows[8]["limit"] == 2e-2
+    assert rows[9]["measured"] == "0.85 (MF 6,800 ms, dense 8,000 ms)"
     assert rows[12]["measured"] == "6 ms" and rows[12]["limit"] == 1.0
     assert rows[13]["measured"] == "1.5 (MF 6 ms, bound 4 ms)" and rows[13]["limit"] == 2.0
     assert [r["limit"] for r in rows[9:12]] == [0.85, 1.0, 0.8] and all(r["limit"] is None for r in rows[14:])
