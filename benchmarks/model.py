@@ -220,10 +220,13 @@ class Bandwidth:
     stream: float
 
     def report(self) -> dict[str, float]:
+        """{"random N B rows": GB/s, ..., "stream": GB/s}, as the results record them."""
         return {**{f"random {b} B rows": v / 1e9 for b, v in self.random_rows.items()}, "stream": self.stream / 1e9}
 
 
 def measure_bandwidth(row_sizes: list[int], rounds: int, huge_pages: bool) -> Bandwidth:
+    """The random-row bandwidth at each row size (bytes) and the streaming bandwidth, on the pages the
+    models are on."""
     rows = {b: random_row_bandwidth(b, rounds=rounds, huge_pages=huge_pages) for b in sorted(set(row_sizes))}
     return Bandwidth(rows, stream_bandwidth(rounds=rounds, huge_pages=huge_pages))
 

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(row: dict) -> None:
+    """One progress line for a measured point."""
     x = {"context": f"ctx {row['context']}", "batch": f"batch {row['batch']}",
          "train": f"{row['batch']}x{row['seq']}"}[row["sweep"]]
     head = "" if row["sweep"] == "train" else (" whole" if row["head"] else " blocks")
