@@ -85,4 +85,6 @@ def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], *
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 100_000:  # byte counts
+        return f"{v:,}"
     return "" if v is None else str(v)

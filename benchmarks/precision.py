@@ -129,7 +129,7 @@ def main() -> None:
         f"tokens ({rows[0]['scored_tokens']:,} scored) from the validation split of {data_dir}. {paths_note}",
         "Errors against the float32 model's logits r (q: the option's), per position p: e_p = max_v |q - r| / "
         "max_v |r|; max / mean rel. error = max / mean of e_p; rel. L2 = ||q - r|| / ||r|| over all positions. "
-        "Target (from the issue): PASS when rel. L2 is within it. Worst layer rel. "
+        "Target: PASS when rel. L2 is within it. Worst layer rel. "
         "error: the largest ||layer_q(x) - layer(x)|| / ||layer(x)|| over Memory Layers fed the float32 model's "
         "input x (the tables' own rounding). Hash flips: the share of (token, table) bucket choices that differ "
         "from the float32 model's; a flipped sign bit upstream swaps a whole table row downstream, which is "

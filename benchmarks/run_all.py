@@ -4,14 +4,15 @@
     python benchmarks/run_all.py --summary-only      # rebuild the summary from the JSON already there
 
 Benchmarks (--only names): layer (layer.py), model_tiny (model.py --pair tiny), model_tiny_bf16 (model.py
---pair tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units), precision
+--pair tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units), scaling_cost
+(scaling_cost.py: decode and training cost as context, batch and tokens per step grow), precision
 (precision.py, when that script exists) and official_kernels (official_kernels.py: our kernels against the
 official MemoryFormer CPU kernels built from DIR; run only with --official-src DIR, a checkout of
 https://github.com/C0-Design/MemoryFormer, else skipped with one line in the summary). Each runs as its own
 subprocess, so each has a clean process and its own peak memory. --quick passes each script the reduced-size
-flags it has (fewer rounds and sizes, no train step or memory pass; for precision.py fewer training steps and
-windows, trained in runs/precision-quick); quick results overwrite the full ones, and their command line in
-the summary says so.
+flags it has (fewer rounds and sizes, no train step or memory pass; scaling_cost.py's own --quick; for
+precision.py fewer training steps and windows, trained in runs/precision-quick); quick results overwrite the
+full ones, and their command line in the summary says so.
 
 The summary holds the performance targets (each MET or MISSED, read from the JSON results), the source files
 with their machine, date and command, and every results table. A failing benchmark is reported there and
@@ -60,6 +61,7 @@ BENCHES = (
     Bench("model_tiny", "model.py", ("--pair", "tiny"), "model_tiny_fp32", MODEL_QUICK),
     Bench("model_tiny_bf16", "model.py", ("--pair", "tiny", "--dtype", "bf16"), "model_tiny_bf16",
           MODEL_QUICK, opt_in=True),
+    Bench("scaling_cost", "scaling_cost.py", (), "scaling_cost", (("--quick",),)),
     Bench("precision", "precision.py", (), "precision",  # quick: a shorter training run, kept apart
           (("--quick",), ("--rounds", "1"), ("--steps", "10"), ("--windows", "4"),
            ("--work", "runs/precision-quick"))),
@@ -148,17 +150,38 @@ def log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """A row of `stem`.json matching `match` whose `ratio` should be at most `limit` (None: reported only)."""
+    """A row of `stem`.json matching `match` whose `field` (a time ratio unless told) should be at most
+    `limit` (None: reported only)."""
 
     key: str
     text: str
     stem: str
     match: dict
     limit: float | None
+    field: str = "ratio"
 
 
 LAYER_TEXT = "MemoryLayer(1024, 1024) / nn.Linear(1024, 1024) time, fp32"
 MODEL_TEXT = "mf-tiny / pythia-70m time, fp32, decode batch 1 after 128 tokens"
+TINY = "model_tiny_fp32"
+DECODE_BLOCKS = {"case": "decode b=1 ctx=128", "head": False}
+STUDY_TEXT = "d 128, 2 layers, 4 heads, vocabulary 4096, batch 8 x 128"
+
+
+def like_case(precision: str, head: bool) -> str:
+    """benchmarks/model.py's like-for-like decode case name (model.like_case; this file imports no torch)."""
+    h = f" + {precision} head" if head else ""
+    return f"decode b=1 ctx=128, MF {precision} tables{h} vs dense {precision} blocks{h}"
+
+
+def like_targets() -> tuple[Target, ...]:
+    """Reported rows: each lower-precision like-for-like decode pair, blocks and whole model."""
+    return tuple(Target("j", f"mf-tiny / pythia-70m time, decode batch 1 after 128 tokens, {p} tables vs {p} "
+                             f"block weights" + (f", {p} heads: whole model" if head else ": blocks (head excluded)"),
+                        TINY, {"case": like_case(p, head), "head": head}, None)
+                 for p in ("bf16", "int8") for head in (False, True))
+
+
 TARGETS = (
     Target("a", f"{LAYER_TEXT}, forward, N = 1 (cold)", "layer",
            {"d": 1024, "n": 1, "mode": "fwd", "dtype": "fp32"}, 0.2),
@@ -170,12 +193,26 @@ TARGETS = (
            {"d": 1024, "n": 2048, "mode": "fwd+bwd", "dtype": "fp32"}, 1.5),
     Target("d", f"{LAYER_TEXT}, forward, N = 2048 (stretch)", "layer",
            {"d": 1024, "n": 2048, "mode": "fwd", "dtype": "fp32"}, 1.0),
-    Target("f", "MemoryLayer(d, d, 'l1') / official CPU kernels time, fp32, forward, max over N and d",
+    Target("f", "mf-tiny / pythia-70m time, fp32, training step 4 x 512 (the training loop's clipping and "
+                "AdamW)", TINY, {"case": "train step 4x512"}, 0.85),
+    Target("g", f"MemoryFormer / dense twin time, fp32, training step at the scaling study's size ({STUDY_TEXT})",
+           TINY, {"case": "train step study-size 8x128"}, 1.0),
+    Target("h", "mf-tiny / pythia-70m time, fp32, prefill 512 tokens: whole model (head included)", TINY,
+           {"case": "prefill 512", "head": True}, 0.8),
+    Target("i", "mf-tiny time in ms, fp32, decode batch 1 after 128 tokens: blocks (head excluded)", TINY,
+           DECODE_BLOCKS, 1.0, field="mf_ms"),
+    Target("i", "mf-tiny decode time / its byte bound at the measured read bandwidths, batch 1 after 128 "
+                "tokens: blocks (head excluded)", TINY, DECODE_BLOCKS, 2.0, field="mf_over_bound"),
+    *like_targets(),
+    Target("k", "MemoryLayer(d, d, 'l1') / official CPU kernels time, fp32, forward, max over N and d",
            "official_kernels", {"case": "max over N and d"}, 1.0),
 )
 # time fields of layer, model and official_kernels rows: (ours, baseline, our label, baseline label)
 TIME_PAIRS = (("memory_ms", "linear_ms", "MemoryLayer", "Linear"), ("mf_ms", "dense_ms", "MF", "dense"),
               ("ours_ms", "official_ms", "ours", "official"))
+# what a target's measured value is shown with, by field: the unit, the pairs of times (as TIME_PAIRS)
+FIELD_UNITS = {"mf_ms": " ms"}
+FIELD_TIMES = {"ratio": TIME_PAIRS, "mf_over_bound": (("mf_ms", "mf_bound_ms", "MF", "bound"),)}
 PRECISION_LIMITS = {"bf16": 1e-2, "int8": 2e-2}
 # precision.json fields (memoryformer.inference.quantize.precision_report): what each error measures
 PRECISION_ERRORS = (("layer_rel_err", "one Memory Layer (fp32 model's inputs)"),
@@ -201,25 +238,31 @@ def find_row(payload: dict | None, match: dict) -> dict | None:
     return None
 
 
+def _ms(v: float) -> str:
+    """3 significant digits, whole milliseconds with separators from 1000 up (a training step)."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def ratio_target(t: Target, payload: dict | None) -> dict:
-    """One target row: the measured ratio (with the two times) and its status."""
+    """One target row: the measured value of `t.field` (a ratio with the two times it divides, or an
+    absolute time with its unit) and its status."""
     row = find_row(payload, t.match)
-    value = _number(row.get("ratio")) if row else None
+    value = _number(row.get(t.field)) if row else None
     if payload is None:
         measured = f"no {t.stem}.json"
     elif value is None:
-        measured = f"no row with a ratio for {t.match}"
+        measured = f"no row with {'a ratio' if t.field == 'ratio' else t.field} for {t.match}"
     else:
-        times = [f" ({la} {row[a]:.3g} ms, {lb} {row[b]:.3g} ms)" for a, b, la, lb in TIME_PAIRS
+        times = [f" ({la} {_ms(row[a])} ms, {lb} {_ms(row[b])} ms)" for a, b, la, lb in FIELD_TIMES.get(t.field, ())
                  if _number(row.get(a)) is not None and _number(row.get(b)) is not None]
-        measured = f"{value:.3g}" + "".join(times[:1])
+        measured = f"{value:.3g}{FIELD_UNITS.get(t.field, '')}" + "".join(times[:1])
     return {"key": t.key, "target": t.text, "limit": t.limit, "value": value, "measured": measured,
             "status": status(value, t.limit), "source": f"{t.stem}.json"}
 
 
 def precision_targets(kind: str, payload: dict | None) -> list[dict]:
     """Target rows for `kind` tables from precision.json's "<kind>-tables" row: the relative error of one
-    Memory Layer and of the whole model's logits, each against the issue's limit, perplexity change noted."""
+    Memory Layer and of the whole model's logits, each against its limit (PRECISION_LIMITS), perplexity change noted."""
     limit = PRECISION_LIMITS[kind]
     row = find_row(payload, {"option": f"{kind}-tables"})
     ppl, ppl_rel = (_number(row.get("ppl_delta")), _number(row.get("ppl_delta_rel"))) if row else (None, None)
@@ -257,8 +300,10 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 
 
 def targets(results: dict[str, dict]) -> list[dict]:
+    """Every target row, by key (the precision rows, e, after d)."""
     rows = [ratio_target(t, results.get(t.stem)) for t in TARGETS]
-    return rows + [r for kind in PRECISION_LIMITS for r in precision_targets(kind, results.get("precision"))]
+    rows += [r for kind in PRECISION_LIMITS for r in precision_targets(kind, results.get("precision"))]
+    return sorted(rows, key=lambda r: r["key"])  # stable: the order within a key is kept
 
 
 # ---- the summary ----------------------------------------------------------------------------------------
@@ -278,11 +323,11 @@ def describe_machine(m: dict | None) -> str:
 
 
 def md_order(stem: str) -> tuple:
-    """layer, the model pairs (tiny fp32 first), precision, then anything else, by name."""
-    known = [b.stem for b in BENCHES if b.stem != "precision"]
-    if stem in known:
-        return (0, known.index(stem), stem)
-    return (1 if stem.startswith("model_") else 2 if stem == "precision" else 3, 0, stem)
+    """layer, the model pairs (the benchmarks' own first), the other benchmarks in BENCHES order
+    (scaling_cost, precision), then anything else, by name."""
+    known = [b.stem for b in BENCHES]
+    group = 0 if stem == "layer" else 1 if stem.startswith("model_") else 2 if stem in known else 3
+    return (group, known.index(stem) if stem in known else len(known), stem)
 
 
 def _cell(text: str) -> str:
@@ -315,9 +360,11 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
     if runs is None:
         lines += ["No benchmark was run for this summary: it is rebuilt from the JSON results below.", ""]
     lines += ["## Targets", "",
-              "a-d are time ratios, ours over the dense baseline's, timed alternately in one process "
-              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones. "
-              "f is a time ratio too, ours over the official MemoryFormer kernels'.", "",
+              "a-d and f-h are time ratios, ours over the dense baseline's, timed alternately in one process "
+              "(below 1: MemoryFormer faster). e is the error of low-precision tables against fp32 ones. i is "
+              "MemoryFormer's own decode time, and that time over its byte bound (the bytes a step reads at "
+              "the read bandwidths measured in the same run; docs/performance.md). j compares each side at "
+              "the same lower precision (reported, no target). k is ours over the official MemoryFormer kernels' time.", "",
               "| | target | limit | measured | status | from |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['key']} | {_cell(r['target'])} | {_limit(r['limit'])} | {_cell(r['measured'])} | "

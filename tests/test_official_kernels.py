@@ -218,15 +218,15 @@ def test_run_all_summary_only_takes_no_official_src(capsys) -> None:
     assert "drop --quick, --bf16, --only and --official-src" in capsys.readouterr().err
 
 
-def test_target_f_reads_the_max_row(tmp_path) -> None:
+def test_target_k_reads_the_max_row(tmp_path) -> None:
     row = {"d": 1024, "n": 64, "n_padded": 64, "ours_ms": 0.9, "official_ms": 1.0, "ratio": 0.9, "max_rel_err": 1e-7}
     payload = {"rows": [row, {**row, "ratio": 0.5}, {"case": official_kernels.MAX_CASE, **row}]}
     (tmp_path / "official_kernels.json").write_text(json.dumps(payload))
-    target = [r for r in run_all.targets(run_all.load_results(tmp_path)) if r["key"] == "f"]
+    target = [r for r in run_all.targets(run_all.load_results(tmp_path)) if r["key"] == "k"]
     assert [(t["status"], t["value"], t["measured"]) for t in target] == [("MET", 0.9, "0.9 (ours 0.9 ms, official 1 ms)")]
     payload["rows"][-1]["ratio"] = 1.01
     (tmp_path / "official_kernels.json").write_text(json.dumps(payload))
-    assert [r["status"] for r in run_all.targets(run_all.load_results(tmp_path)) if r["key"] == "f"] == ["MISSED"]
+    assert [r["status"] for r in run_all.targets(run_all.load_results(tmp_path)) if r["key"] == "k"] == ["MISSED"]
 
 
 def test_inputs_have_no_exact_zeros(monkeypatch) -> None:

@@ -342,3 +342,86 @@ def test_precision_report_dense_model_defaults_to_head_options():
     assert [r["option"] for r in rows] == ["fp32", "bf16-head", "int8-head"]
     assert all(r["table_bytes"] is None and r["hash_flip_rate"] is None for r in rows)
     assert rows[2]["rel_l2_err"] > 0
+
+
+# ---- dense block weights (blocks=) ----------------------------------------------------------------------
+
+BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+# max |logit error| / max |float64 logit| of pythia-test (2 blocks, d 64) with quantized block weights and
+# head: a few rounding units deep (bf16: 2^-8 = 3.9e-3 per weight and input; int8: up to 1/254 of a row's
+# largest weight); measured 5e-3-7e-3 (bf16) and 1.1e-2-1.5e-2 (int8) over seeds
+BLOCK_ERROR_LIMITS = {"bf16": 2e-2, "int8": 4e-2}
+
+
+def float64_twin(model: LanguageModel, dequantise_blocks: bool = False) -> LanguageModel:
+    """A float64 copy of a float32 model; with dequantise_blocks, every block nn.Linear weight replaced by
+    its int8 round trip (qweight * scales), the values an Int8Linear computes with."""
+    out = quantize_model(model).double()
+    if dequantise_blocks:
+        for m in out.blocks.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(dequantised(*kernels.quantize_tables(m.weight.float())))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("head", [False, True])
+def test_quantized_blocks_logits_close_to_float64(precision, head):
+    model = tiny("pythia-test", seed=5)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    q = quantize_model(model, blocks=precision, head=precision if head else None)
+    cls = {"bf16": BF16Linear, "int8": Int8Linear}[precision]
+    for block, original in zip(q.blocks, model.blocks, strict=True):
+        for name in BLOCK_LINEARS:
+            module, source = block.get_submodule(name), original.get_submodule(name)
+            assert isinstance(module, cls) and torch.equal(module.bias, source.bias)
+            if precision == "bf16":
+                assert torch.equal(module.qweight, source.weight.detach().bfloat16())
+    assert isinstance(q.head, cls) if head else type(q.head) is nn.Linear
+    with torch.no_grad():
+        want, _ = float64_twin(model)(idx)
+        got, _ = q(idx)
+    assert got.dtype == torch.float32
+    assert 0 < rel_max(got, want) < BLOCK_ERROR_LIMITS[precision]
+
+
+def test_int8_blocks_compute_with_the_dequantised_weights():
+    """An int8-blocks model is the float64 model on the int8 round trip of its block weights, to float32
+    rounding: the error above is the weights' rounding, nothing else."""
+    model = tiny("pythia-test", seed=6)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got, _ = quantize_model(model, blocks="int8")(idx)
+        want, _ = float64_twin(model, dequantise_blocks=True)(idx)
+    assert rel_max(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_quantized_blocks_decode_with_cache_matches_full_forward(precision):
+    """Prefill 8 tokens into a KV cache, then 8 one at a time: the logits of the full forward. bf16 may
+    round a one-token matmul differently from a batched one (one bf16 unit, 2^-8); int8 and the rest
+    agree to float32 rounding."""
+    q = quantize_model(tiny("pythia-test", seed=7), blocks=precision, head=precision)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full, _ = q(idx)
+        cache = q.new_cache(2, 16)
+        steps = [q(idx[:, :8], cache=cache)[0]] + [q(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 16)]
+    assert cache.length == 16
+    assert rel_max(torch.cat(steps, 1), full) < (2.0**-7 if precision == "bf16" else 1e-5)
+
+
+def test_blocks_errors():
+    model = tiny("mf-test")
+    for precision in ("bf16", "int8"):
+        with pytest.raises(ValueError, match=f"MemoryFormer.*use tables='{precision}'"):
+            quantize_model(model, blocks=precision)
+    with pytest.raises(ValueError, match="MemoryFormer.*use tables="):
+        quantize_model(quantize_model(model, tables="int8"), blocks="int8")  # quantized tables too
+    with pytest.raises(ValueError, match="blocks must be None or one of"):
+        quantize_model(tiny("pythia-test"), blocks="fp8")
+    with pytest.raises(ValueError, match="no(ne)?.*blocks="):
+        quantize_model(tiny("pythia-test"), tables="bf16")  # a dense model's tables error names blocks=
+    once = quantize_model(tiny("pythia-test"), blocks="int8")
+    with pytest.raises(ValueError, match="nn.Linear layers inside model.blocks"):
+        quantize_model(once, blocks="int8")  # nothing left to quantize

@@ -19,7 +19,13 @@ Options (each independent; None keeps the float32 original):
     head="int8"    symmetric per-output-row int8 weight with float32 scales (the same quantiser as the
                    tables); `torch._weight_int8pack_mm` (the CPU int8 weight-only GEMM used by gpt-fast)
                    where it exists and checks out on the device and dtype, else dequantise-and-matmul.
-Dense (Pythia) models have no Memory Layers: `tables` is an error for them, `head` works.
+    blocks="bf16"  dense (Pythia) models only: every nn.Linear inside the transformer blocks (the fused
+                   QKV projection, the attention output and both MLP matrices) becomes a BF16Linear,
+                   the head's module: bf16 weight, float32 bias and output.
+    blocks="int8"  the same with Int8Linear (per-output-row int8 weight, `torch._weight_int8pack_mm`).
+Dense (Pythia) models have no Memory Layers: `tables` is an error for them, `blocks` and `head` work. A
+MemoryFormer's blocks hold no dense weight matrix (Q, K, V and the FFN are Memory Layers; attention only
+multiplies activations), so `blocks` is an error for it: its equivalent is `tables`.
 
 The quantized modules are inference-only: quantize_model freezes the copy (requires_grad False, eval
 mode), and calling a quantized module on an input that requires grad, with grad enabled, raises.
@@ -45,7 +51,7 @@ PRECISIONS = ("bf16", "int8")
 REFERENCE = "fp32"
 # the options precision_report measures by default; "+" combines a tables and a head option
 DEFAULT_OPTIONS = ("fp32", "bf16-tables", "int8-tables", "bf16-head", "int8-head", "int8-tables+int8-head")
-# targets on the relative L2 logit error (rel_l2_err, see precision_report), from the issue
+# targets on the relative L2 logit error (rel_l2_err, see precision_report)
 TARGETS = {"bf16-tables": 1e-2, "int8-tables": 2e-2}
 _GATHER_CHUNK = 1 << 22  # elements of the (tokens, K, out) dequantised rows built at a time
 
@@ -307,39 +313,67 @@ class Int8Linear(_QuantizedLinear):
 # ---------------------------------------------------------------------------------------------
 
 _TABLE_MODULES = {"bf16": BF16MemoryLayer, "int8": Int8MemoryLayer}
-_HEAD_MODULES = {"bf16": BF16Linear, "int8": Int8Linear}
+_LINEAR_MODULES = {"bf16": BF16Linear, "int8": Int8Linear}
 
 
 def _no_tables(model: nn.Module, tables: str) -> None:
     arch = getattr(getattr(model, "config", None), "architecture", type(model).__name__)
     raise ValueError(f"tables={tables!r} needs Memory Layers, but this model ({arch}) has none; "
-                     "for a dense (Pythia) model quantize only the head (head='bf16' or 'int8')")
+                     "for a dense (Pythia) model quantize its block weights and head (blocks= / head="
+                     "'bf16' or 'int8')")
 
 
-def quantize_model(model: M, *, tables: str | None = None, head: str | None = None) -> M:
-    """A frozen inference copy of a LanguageModel with lower-precision Memory Layer tables and/or head.
+def _block_linears(model: nn.Module, blocks: str) -> list[str]:
+    """Module names of every nn.Linear inside `model.blocks`, for blocks=...; ValueError for a model with
+    Memory Layers (a MemoryFormer: use tables=) or without any such nn.Linear."""
+    if _memory_layers(model):
+        raise ValueError(f"blocks={blocks!r} quantizes the nn.Linear weights of a dense (Pythia) model's blocks, "
+                         "but this MemoryFormer's blocks have none (Q, K, V and the FFN are Memory Layers, "
+                         f"attention has no weights): use tables={blocks!r}, the equivalent for Memory Layers")
+    owner = getattr(model, "blocks", None)
+    names = [] if owner is None else [f"blocks.{n}" for n, m in owner.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"blocks={blocks!r} needs nn.Linear layers inside model.blocks; this model has none")
+    return names
 
-    tables: None, "bf16" or "int8" (every MemoryLayer); head: None, "bf16" or "int8" (`model.head`).
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule called `name` (dotted) of `model` to `module`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: M, *, tables: str | None = None, head: str | None = None,
+                   blocks: str | None = None) -> M:
+    """A frozen inference copy of a LanguageModel with lower-precision Memory Layer tables, block weights
+    and/or head.
+
+    tables: None, "bf16" or "int8" (every MemoryLayer; a model without Memory Layers: ValueError);
+    blocks: None, "bf16" or "int8" (every nn.Linear inside `model.blocks`, as BF16Linear / Int8Linear: a
+    dense model's block weights; a MemoryFormer: ValueError, its equivalent is `tables`);
+    head: None, "bf16" or "int8" (`model.head`).
     The input model is left untouched (the copy is a deepcopy). The copy is in eval mode with every
     parameter's requires_grad False. A tied head is quantized in the copy's head only (the embedding
     stays float32).
     """
     _check_precision("tables", tables)
+    _check_precision("blocks", blocks)
     _check_precision("head", head)
     layers = [name for name, m in model.named_modules() if isinstance(m, MemoryLayer)]
     if tables is not None and not layers:
         _no_tables(model, tables)
+    linears = _block_linears(model, blocks) if blocks is not None else []
     if head is not None and not isinstance(getattr(model, "head", None), nn.Linear):
         raise ValueError(f"head={head!r} needs model.head to be an nn.Linear, got "
                          f"{type(getattr(model, 'head', None)).__name__}")
     out = copy.deepcopy(model)
     if tables is not None:
         for name in layers:
-            parent, _, child = name.rpartition(".")
-            owner = out.get_submodule(parent) if parent else out
-            setattr(owner, child, _TABLE_MODULES[tables](getattr(owner, child)))
+            _replace(out, name, _TABLE_MODULES[tables](out.get_submodule(name)))
+    for name in linears:
+        _replace(out, name, _LINEAR_MODULES[blocks](out.get_submodule(name)))
     if head is not None:
-        out.head = _HEAD_MODULES[head](out.head)
+        out.head = _LINEAR_MODULES[head](out.head)
     out.requires_grad_(False)
     return out.eval()
 
