@@ -52,6 +52,7 @@ STUDY_SIZE = dict(vocab_size=4096, n_layers=2, d_model=128, n_heads=4, max_seq_l
 TRAIN_CASE = "train step 4x512"
 STUDY_CASE = "train step study-size 8x128"
 PREFILL_CASE = "prefill 512"
+STEP_WARMUP = 3  # training steps of each model before timing (AdamW state, allocator, pages)
 LIKE_FOR_LIKE = ("bf16", "int8")  # precisions of the like-for-like decode pairs
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
@@ -375,7 +376,14 @@ def update_memory(args, mf_name: str, dense_name: str) -> None:
 def time_case(case: Case, rounds: int, configs: dict[str, ModelConfig], float_bytes: int, bw: Bandwidth | None) -> dict:
     """Time one case (training steps: one step per sample) and build its results row."""
     train = case.name.startswith("train")
-    t = time_interleaved(case.fns, rounds=max(3, rounds // 2) if train else rounds, min_time=0.0 if train else 0.05)
+    if train:  # a step of the study size takes ~60 ms and varies by +-10% here: 3 samples were not enough
+        for _ in range(STEP_WARMUP):
+            for fn in case.fns.values():
+                fn()
+        many = case.name == STUDY_CASE
+        t = time_interleaved(case.fns, rounds=max(30, 6 * rounds) if many else max(3, rounds // 2), min_time=0.0)
+    else:
+        t = time_interleaved(case.fns, rounds=rounds)
     prec = {k: precision_label(k, *v) for k, v in case.precision.items()}
     row = {"case": case.name, "head": case.head, "mf_precision": prec.get("memoryformer"),
            "dense_precision": prec.get("dense"), "mf_ms": t["memoryformer"] * 1e3, "dense_ms": t["dense"] * 1e3,

@@ -148,8 +148,9 @@ struct Options {
   int64_t seg_max = 1024;    // small-N: max columns per work item
   int64_t split_min = 16384; // small-N: split a token's columns across threads only if N*K*d >= this
   int64_t prefetch = 4;      // rows ahead for software prefetch (0: off)
-  int64_t bucket_min_n = 1024;  // auto: bucket-major forward for N >= this ...
-  int64_t bucket_min_table_bytes = 16 << 20;  // ... and a table of at least this many bytes
+  int64_t bucket_min_n = 256;   // auto: bucket-major forward only for N >= this, ...
+  int64_t bucket_min_table_bytes = 16 << 20;  // ... a table of at least this many bytes ...
+  int64_t bucket_min_entries = 3;  // ... and at least this many entries per table row (N K / R)
   int64_t tile_bytes = 1048576;     // bucket-major forward: max bytes of the (N, cb) tile (halves cb)
   int64_t tile_bytes_bwd = 262144;  // bucket-major backward: same for the grad tile
   int64_t row_prefetch = 16;    // bucket-major: table rows ahead for software prefetch

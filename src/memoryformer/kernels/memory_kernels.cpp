@@ -27,6 +27,7 @@ static int64_t set_option(c10::string_view name, int64_t value) {
   else if (s == "prefetch") p = &g_opt.prefetch;
   else if (s == "bucket_min_n") p = &g_opt.bucket_min_n;
   else if (s == "bucket_min_table_bytes") p = &g_opt.bucket_min_table_bytes;
+  else if (s == "bucket_min_entries") p = &g_opt.bucket_min_entries;
   else if (s == "tile_bytes") p = &g_opt.tile_bytes;
   else if (s == "tile_bytes_bwd") p = &g_opt.tile_bytes_bwd;
   else if (s == "row_prefetch") p = &g_opt.row_prefetch;
@@ -358,20 +359,23 @@ static void forward_rows(const int32_t* rows, const float* w, int64_t N, int64_t
 }
 
 // Bucket-major pays a counting sort and an (N, cb) tile; it wins only when the table does not stay in
-// the last-level cache, so that token-major reads would come from DRAM (measured on a 32 MiB L3: a
-// 6-8 MB table 1.3-1.6x faster token-major at N = 512-4096, a 25 MB one 1.2-1.4x faster bucket-major
-// at N >= 1024).
-static bool want_csr(int64_t N, int64_t table_bytes) {
+// the last-level cache (so token-major reads would come from DRAM) and each table row serves several
+// tokens (so a row loaded once is reused). Measured on a 2-core Zen 3 with a 32 MiB L3, forward, fp32:
+// 6-8 MB tables were 1.3-1.6x faster token-major at every N; 34-134 MB tables were 0.73-0.97x
+// bucket-major from 4 entries per row, a coin flip at 2 (0.89-1.12x across runs), and 1.2-3.5x slower
+// at 1 or fewer (the tau = 10 Memory Block table at N = 1024 among them).
+static bool want_csr(int64_t N, int64_t K, int64_t R, int64_t table_bytes) {
   const int64_t nt = at::get_num_threads();
   if (g_opt.fwd_algo == 2) return true;
   if (g_opt.fwd_algo != 0) return false;
-  return N > g_opt.small_n * nt && N >= g_opt.bucket_min_n && table_bytes >= g_opt.bucket_min_table_bytes;
+  if (N <= g_opt.small_n * nt || N < g_opt.bucket_min_n || table_bytes < g_opt.bucket_min_table_bytes) return false;
+  return N * K >= g_opt.bucket_min_entries * R;  // entries per table row, N K / R
 }
 
-static int64_t max_table_bytes(at::TensorList tables) {
-  int64_t most = 0;
-  for (const auto& t : tables) most = std::max<int64_t>(most, t.numel() * t.element_size());
-  return most;
+static bool want_csr(int64_t N, int64_t K, int64_t R, at::TensorList tables) {
+  int64_t bytes = 0;
+  for (const auto& t : tables) bytes = std::max<int64_t>(bytes, t.numel() * t.element_size());
+  return want_csr(N, K, R, bytes);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -445,7 +449,7 @@ std::vector<at::Tensor> memory_layer(const at::Tensor& x_, at::TensorList tables
     for (const auto& t : tables) outs.push_back(at::empty({0, t.size(1)}, t.options()));
     return outs;
   }
-  const Hashed hd(x, hs, N, R, want_csr(N, max_table_bytes(tables)));
+  const Hashed hd(x, hs, N, R, want_csr(N, K, R, tables));
   const std::vector<int32_t>& rows = hd.rows;
   const std::vector<float>& w = hd.w;
   const bool use_csr = hd.sorted;
@@ -489,7 +493,7 @@ at::Tensor memory_layer_q8(const at::Tensor& x_, const at::Tensor& qtable_, cons
   const at::Tensor b = bias_f32(bias, d);
   at::Tensor out = at::empty({N, d}, x.options().dtype(at::kFloat));
   if (N == 0) return out;
-  const Hashed hd(x, hs, N, R, want_csr(N, qt.numel()));
+  const Hashed hd(x, hs, N, R, want_csr(N, K, R, qt.numel()));
   const std::vector<int32_t>& rows = hd.rows;
   const std::vector<float>& w = hd.w;
   const bool use_csr = hd.sorted;
@@ -610,7 +614,7 @@ at::Tensor gather_sum(const at::Tensor& rows, const at::Tensor& weights, const a
   const at::Tensor wt = weights.to(at::kFloat).contiguous();
   const float* w = wt.data_ptr<float>();
   CSR csr;
-  const bool use_csr = want_csr(N, t.numel() * t.element_size());
+  const bool use_csr = want_csr(N, K, R, t.numel() * t.element_size());
   if (use_csr) build_csr(r.data(), w, N, K, R, csr);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (t.scalar_type() == at::kFloat) {
