@@ -5,7 +5,8 @@
 
 Benchmarks (--only names): layer (layer.py), model_tiny (model.py --pair tiny), model_tiny_bf16 (model.py
 --pair tiny --dtype bf16; only with --bf16 or --only, slow on CPUs without bf16 matrix units), scaling_cost
-(scaling_cost.py: decode and training cost as context, batch and tokens per step grow), precision
+(scaling_cost.py: decode and training cost as context, batch and tokens per step grow), train_profile
+(train_profile.py: a training step phase by phase and op by op), precision
 (precision.py, when that script exists) and official_kernels (official_kernels.py: our kernels against the
 official MemoryFormer CPU kernels built from DIR; run only with --official-src DIR, a checkout of
 https://github.com/C0-Design/MemoryFormer, else skipped with one line in the summary). Each runs as its own
@@ -62,6 +63,7 @@ BENCHES = (
     Bench("model_tiny_bf16", "model.py", ("--pair", "tiny", "--dtype", "bf16"), "model_tiny_bf16",
           MODEL_QUICK, opt_in=True),
     Bench("scaling_cost", "scaling_cost.py", (), "scaling_cost", (("--quick",),)),
+    Bench("train_profile", "train_profile.py", (), "train_profile", (("--pair", "study"), ("--steps", "2"))),
     Bench("precision", "precision.py", (), "precision",  # quick: a shorter training run, kept apart
           (("--quick",), ("--rounds", "1"), ("--steps", "10"), ("--windows", "4"),
            ("--work", "runs/precision-quick"))),
