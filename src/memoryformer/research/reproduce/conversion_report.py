@@ -7,8 +7,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from memoryformer.research.reproduce.scaling import tokens_tag
-
 LABELS = {
     "teacher": "(a) dense teacher",
     "converted": "(b) converted, no training",
@@ -20,9 +18,9 @@ LABELS = {
 
 
 def _curve(row: dict[str, Any]) -> list[list[float]]:
-    """[[tokens, held-out loss], ...] of a run's intermediate evaluations, then its final full-split loss."""
-    points = [[e["tokens"], e["val_loss"]] for e in row.get("evals", []) if math.isfinite(e.get("val_loss", math.inf))]
-    return points + [[row["train_tokens"], row["val_loss"]]]
+    """[[tokens, loss], ...] of a run's intermediate evaluations (a few held-out batches each, so on
+    another sample than the final full-split loss, and not comparable with it)."""
+    return [[e["tokens"], e["val_loss"]] for e in row.get("evals", []) if math.isfinite(e.get("val_loss", math.inf))]
 
 
 def _entry(row: dict[str, Any], sweep: dict[str, float] | None = None) -> dict[str, Any]:
@@ -54,16 +52,30 @@ def summarize(plan, teacher: dict[str, Any], scratch: dict[str, Any], converted_
             "models": models, "gain_over_scratch_nats": gains, "verdict": verdict(models, gains)}
 
 
+def _tokens(n: int) -> str:
+    """1000448 -> "1M" (a budget rounded to 3 digits, as runs take whole steps)."""
+    return f"{n / 1e6:.3g}M"
+
+
 def verdict(models: dict[str, Any], gains: dict[str, float]) -> str:
-    """One plain sentence on whether conversion beats training from scratch at equal extra tokens."""
+    """Plain sentences: does conversion + distillation beat training from scratch at equal extra tokens,
+    and does it beat distilling into a model trained from scratch (is the gain the conversion's)?"""
     if "converted+distilled" not in gains:
         return "not finished: the converted + distilled sweep has not run yet"
+    tokens = _tokens(models["scratch"]["train_tokens"])
+
+    def side(gain: float) -> str:
+        return "ties" if abs(gain) < 0.01 else f"{'beats' if gain > 0 else 'loses to'}"
+
     g = gains["converted+distilled"]
-    tokens = tokens_tag(models["scratch"]["train_tokens"])
-    if abs(g) < 0.01:
-        return f"conversion + distillation ties training from scratch at {tokens} extra tokens ({g:+.3f} nats)"
-    side = "beats" if g > 0 else "loses to"
-    return f"conversion + distillation {side} training from scratch at {tokens} extra tokens by {abs(g):.3f} nats"
+    text = (f"conversion + distillation {side(g)} training from scratch at {tokens} extra tokens "
+            f"({abs(g):.3f} nats)")
+    if "scratch+distilled" in models:
+        over_e = models["scratch+distilled"]["val_loss"] - models["converted+distilled"]["val_loss"]
+        text += (f", and {side(over_e)} training from scratch with the same teacher ({abs(over_e):.3f} nats): "
+                 + ("the conversion adds to what the teacher gives" if over_e >= 0.01 else
+                    "the gain is the teacher's, not the conversion's"))
+    return text
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -71,8 +83,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = ["# Dense -> MemoryFormer conversion", "",
              f"Command: `{report['command']}`  ",
              f"Machine: {report['machine'].get('cpu')}, torch {report['machine'].get('torch')}", "",
-             f"Teacher trained on {tokens_tag(report['teacher_budget'])} tokens; every student gets "
-             f"{tokens_tag(report['student_budget'])} tokens. Held-out loss on every window of the validation split.", "",
+             f"Teacher trained on {_tokens(report['teacher_budget'])} tokens; every student gets "
+             f"{_tokens(report['student_budget'])} tokens. Held-out loss on every window of the validation split.", "",
              "| model | best LR | held-out loss | vs (d) from scratch | LR sweep |", "|---|---|---|---|---|"]
     scratch = m["scratch"]["val_loss"]
     for key, label in LABELS.items():
@@ -97,21 +109,28 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     m = report["models"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in ("converted+distilled", "converted+trained", "scratch", "scratch+distilled"):
-        if key in m:
+    fig, (ax, end) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    keys = [k for k in ("converted+distilled", "converted+trained", "scratch", "scratch+distilled") if k in m]
+    for i, key in enumerate(keys):
+        if m[key]["curve"]:
             xs, ys = zip(*m[key]["curve"])
-            ax.plot(xs, ys, marker="o", ms=3, label=f"{LABELS[key]} (lr {m[key]['lr']:g})")
-    ax.axhline(m["teacher"]["val_loss"], color="k", ls="--", lw=1, label=LABELS["teacher"])
-    ax.axhline(m["converted"]["val_loss"], color="grey", ls=":", lw=1, label=LABELS["converted"])
+            ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=f"{LABELS[key]} (lr {m[key]['lr']:g})")
+        end.barh(i, m[key]["val_loss"], color=f"C{i}")
+        end.text(m[key]["val_loss"], i, f" {m[key]['val_loss']:.3f}", va="center", fontsize=8)
     ax.set_xlabel("training tokens of the student")
-    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_ylabel("loss on a few held-out batches (nats/token)")
     ax.set_xscale("log")
-    top = max(m["converted"]["val_loss"], m["teacher"]["val_loss"]) + 0.5
-    ax.set_ylim(min(e["val_loss"] for e in m.values()) - 0.1, top)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Converting a dense twin into a MemoryFormer")
+    ax.legend(fontsize=7)
+    ax.set_title("During training (evaluation batches)", fontsize=10)
+    end.axvline(m["teacher"]["val_loss"], color="k", ls="--", lw=1, label=f"{LABELS['teacher']} {m['teacher']['val_loss']:.3f}")
+    end.set_yticks(range(len(keys)), [LABELS[k].split(") ")[0] + ")" for k in keys])
+    low = min(m[k]["val_loss"] for k in keys + ["teacher"])
+    end.set_xlim(low - 0.2, max(m[k]["val_loss"] for k in keys) + 0.25)
+    end.set_xlabel("full held-out split, end of training (nats/token)")
+    end.legend(fontsize=7, loc="lower right")
+    end.set_title(f"End ({LABELS['converted']}: {m['converted']['val_loss']:.2f})", fontsize=10)
+    fig.suptitle("Converting a dense twin into a MemoryFormer")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
