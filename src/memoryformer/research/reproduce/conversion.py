@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memoryformer.research.reproduce.registry import Arm, Settings
+from memoryformer.research.reproduce.registry import Arm, Settings, _lr_tag
 from memoryformer.research.reproduce.scaling import (
     MAX_POINTS,
     Planner,
@@ -132,7 +132,7 @@ class ConversionPlan:
 
     def arm(self, key: str, index: int, train: dict[str, Any]) -> Arm:
         base = make_arm(self.s, self.mf, self.budget, index, self.s.seeds[0])
-        return Arm(name=f"{key} {tokens_tag(self.budget)} lr {base.name.split(' lr ')[1]}", model=base.model,
+        return Arm(name=f"{key} {tokens_tag(self.budget)} lr {_lr_tag(base.lr)} seed {base.seed}", model=base.model,
                    lr=base.lr, seed=base.seed, steps=base.steps, train=train,
                    labels={"student": key, "budget": self.budget, "arch": "memoryformer"})
 
