@@ -37,14 +37,22 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def _count_fused(monkeypatch) -> list[int]:
-    calls = [0]
-    real = kernels.decode_block
+    """Blocks run by the fused ops: calls[0] counts blocks (decode_block: one, decode_blocks: each of its
+    blocks), calls[1] the calls of decode_blocks (LanguageModel's one-op step)."""
+    calls = [0, 0]
+    one, every = kernels.decode_block, kernels.decode_blocks
 
-    def counting(*args, **kwargs):
+    def counting_one(*args, **kwargs):
         calls[0] += 1
-        return real(*args, **kwargs)
+        return one(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "decode_block", counting)
+    def counting_every(x, k_caches, *args, **kwargs):
+        calls[0] += len(k_caches)
+        calls[1] += 1
+        return every(x, k_caches, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "decode_block", counting_one)
+    monkeypatch.setattr(kernels, "decode_blocks", counting_every)
     return calls
 
 
@@ -85,7 +93,7 @@ def test_fused_block_matches_float64_eager_block(built, overrides, batch, monkey
     idx = torch.randint(0, cfg.vocab_size, (batch, 9))
     calls = _count_fused(monkeypatch)
     cache, ref_cache = _decode_against(model, ref_model, idx, prompt=5)
-    assert calls[0] == 4 * cfg.n_layers
+    assert calls == [4 * cfg.n_layers, 4]  # each of the 4 steps: every block in one decode_blocks call
     for layer in range(cfg.n_layers):
         torch.testing.assert_close(cache.keys[layer][:, :, :9].double(), ref_cache.keys[layer][:, :, :9],
                                    rtol=1e-4, atol=1e-5)
@@ -281,3 +289,82 @@ def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(buil
     calls = _count_fused(monkeypatch)
     _decode_against(qmodel, reference, torch.randint(0, cfg.vocab_size, (2, 8)), prompt=4)
     assert calls[0] == 4 * cfg.n_layers
+
+
+def test_hooks_are_never_skipped(built, monkeypatch):
+    """A hook on the final norm keeps the step out of decode_blocks (each block still decodes fused, and
+    the hook runs); a hook inside a block sends that block to the eager path, where the hook sees it."""
+    cfg = _config()
+    torch.manual_seed(6)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=7)
+    reference = copy.deepcopy(model).double()
+    idx = torch.randint(0, cfg.vocab_size, (2, 7))
+    seen = {"norm": 0, "q_proj": 0}
+    norm_hook = model.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", seen["norm"] + 1))
+    calls = _count_fused(monkeypatch)
+    _decode_against(model, reference, idx, prompt=4)
+    assert calls == [3 * cfg.n_layers, 0] and seen["norm"] == 4  # the prompt and 3 steps
+    norm_hook.remove()
+    model.blocks[1].attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q_proj", seen["q_proj"] + 1))
+    calls = _count_fused(monkeypatch)
+    _decode_against(model, reference, idx, prompt=4)
+    assert calls == [3, 0] and seen["q_proj"] == 4  # block 0 fused, block 1 eager (and its hook) each step
+
+
+def _blocks_args(cfg: ModelConfig, n_blocks: int = 2, batch: int = 2, pos: int = 3):
+    """decode_blocks' positional arguments for `n_blocks` random blocks (the final norm included)."""
+    per_block = [_op_args(cfg, batch, pos) for _ in range(n_blocks)]
+    x, _, _, pos, cos, sin, _, _, *rest = per_block[0]
+    params = [p for args in per_block for p in args[6]]
+    return (x, [a[1] for a in per_block], [a[2] for a in per_block], pos, cos, sin, params, [],
+            1 + 0.1 * torch.randn(cfg.d_model), *rest)
+
+
+def test_decode_blocks_is_decode_block_in_turn_then_the_norm(built):
+    cfg = _config(memory_block_activation="gelu")
+    torch.manual_seed(8)
+    args = _blocks_args(cfg, n_blocks=3)
+    x, kcs, vcs, pos, cos, sin, params, scales, norm_w, *rest = args
+    kcs2, vcs2 = [k.clone() for k in kcs], [v.clone() for v in vcs]
+    out = torch.ops.memoryformer.decode_blocks(*args)
+    h = x
+    for i, (kc, vc) in enumerate(zip(kcs2, vcs2)):
+        h = torch.ops.memoryformer.decode_block(h, kc, vc, pos, cos, sin, params[14 * i:14 * (i + 1)], scales, *rest)
+    rms = h.double().pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(out.double(), norm_w.double() * h.double() / (rms + rest[0]), rtol=1e-6, atol=1e-6)
+    for a, b in zip(kcs + vcs, kcs2 + vcs2):
+        assert torch.equal(a, b)
+    no_norm = torch.ops.memoryformer.decode_blocks(x, kcs, vcs, pos, cos, sin, params, scales, torch.empty(0), *rest)
+    assert torch.equal(no_norm, h)
+
+
+def test_decode_blocks_opcheck_meta_flops_and_errors(built):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = _config()
+    args = _blocks_args(cfg)
+    op = torch.ops.memoryformer.decode_blocks
+    torch.library.opcheck(op, args)
+    x, kcs, vcs, pos, cos, sin, params, scales, norm_w, *rest = args
+    meta = op(x.to("meta"), [k.to("meta") for k in kcs], [v.to("meta") for v in vcs], pos, cos.to("meta"),
+              sin.to("meta"), [p.to("meta") for p in params], scales, norm_w.to("meta"), *rest)
+    assert meta.shape == x.shape and meta.device.type == "meta"
+    with FlopCounterMode(display=False) as every:
+        op(*args)
+    one_args = _op_args(cfg)  # outside the mode: its global module hooks keep from_block from reading
+    with FlopCounterMode(display=False) as one:
+        torch.ops.memoryformer.decode_block(*one_args)
+    assert every.get_total_flops() == 2 * one.get_total_flops()
+    with pytest.raises(RuntimeError, match="one key and one value cache per block"):
+        op(x, kcs, vcs[:1], pos, cos, sin, params, scales, norm_w, *rest)
+    with pytest.raises(RuntimeError, match="14 parameter tensors for each of the 2 blocks"):
+        op(x, kcs, vcs, pos, cos, sin, params[:-1], scales, norm_w, *rest)
+    with pytest.raises(RuntimeError, match="no scales or 5 for each of the 2 blocks"):
+        op(x, kcs, vcs, pos, cos, sin, params, [torch.ones(3)], norm_w, *rest)
+    with pytest.raises(RuntimeError, match="norm_w must have shape"):
+        op(x, kcs, vcs, pos, cos, sin, params, scales, norm_w[:-1], *rest)
+    block = DecodeBlock.from_block(MemoryFormerBlock(cfg, 0))
+    other = block._replace(settings=block.settings._replace(gelu=not block.settings.gelu))
+    with pytest.raises(ValueError, match="the same settings"):
+        kernels.decode_blocks(x, kcs, vcs, pos, cos, sin, [block, other])

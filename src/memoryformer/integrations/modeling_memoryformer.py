@@ -1060,11 +1060,21 @@ class LanguageModel(nn.Module):
         x = self.embed(idx)
         cos, sin = self._rotary_tables(x.device, x.dtype, start + T)
         rope = cos[start:start + T], sin[start:start + T]
+        if cache is not None and T == 1 and self._decodes_fused():
+            # one fused C++ op for every block and the final norm (memoryformer.kernels), where it applies
+            fused = _kernels.try_decode_blocks(list(self.blocks), self.norm, x, rope, cache)
+            if fused is not None:
+                cache.length += T
+                return fused
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+    def _decodes_fused(self) -> bool:
+        """Whether the blocks and final norm are the plain classes the fused decode op computes."""
+        return type(self.norm) is RMSNorm and all(type(b) is MemoryFormerBlock for b in self.blocks)
 
     def _rotary_tables(self, device: torch.device, dtype: torch.dtype, length: int) -> tuple[Tensor, Tensor]:
         """cos, sin (n, rotary_dims) for positions [0, n), n >= length: computed once per device and dtype

@@ -16,6 +16,8 @@ Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
     quantize_tables(table) -> (int8 table, fp32 per-row scales)
     memory_layer_int8(x, qtable, scales, bias=None, *, tau, weighting, temperature) -> float32
     decode_block(x, k_cache, v_cache, pos, cos, sin, DecodeBlock) -> (B, d): one block, one token
+    decode_blocks(x, k_caches, v_caches, pos, cos, sin, [DecodeBlock], norm_weight) -> (B, d): every
+        block and the final RMSNorm, one token, one op
         DecodeBlock(weights: DecodeWeights, scales: DecodeScales, settings: DecodeSettings) names the
         op's slots (decode_inputs.py); DecodeBlock.from_block(MemoryFormerBlock) reads a block
     backend(name) context manager, set_backend(name), get_backend(): "auto" | "kernels" | "torch"
@@ -26,7 +28,8 @@ accumulation in float32); int8 tables for inference. Other dtypes/devices take t
 The layer dispatches here (memoryformer.core.layer's `_layer` and `_hash`, its one call each): through
 `try_memory_layer` and `try_memory_hash` (so a shared hash equals the fused one), which answer None
 where the kernels do not apply; the layer then runs memoryformer.core.reference. MemoryFormerBlock
-decodes through `try_decode_block` (DecodeBlock.from_block reads the block). This package imports
+decodes through `try_decode_block` (DecodeBlock.from_block reads the block), and LanguageModel's
+one-token step through `try_decode_blocks` (every block and the final norm in one op). This package imports
 memoryformer.core.reference only, never the layer or the model.
 Switches: MEMORYFORMER_KERNELS=0 (pure path), =force (kernels at every shape), unset/1 ("auto");
 `with kernels.backend("torch"): ...` for one block.
@@ -43,6 +46,8 @@ Ops (all with fake kernels for meta tensors / torch.compile, and FLOP formulas):
                                            norms, shared hash, Q/K/V, rotary, KV-cache write, attention,
                                            Memory Block; `decode_block` below, used by MemoryFormerBlock
                                            through `try_decode_block`
+    decode_blocks                          decode_block for every block in turn, then the final
+                                           RMSNorm: LanguageModel's step through `try_decode_blocks`
     _set_option(name, value) -> old        tuning knobs (algorithm, block sizes), for benchmarks
 
 Algorithms (forward; the summation order is the same in all, so results are bitwise identical):
@@ -69,12 +74,19 @@ from memoryformer.core import reference
 from memoryformer.kernels import _loader
 from memoryformer.kernels._backend import BACKENDS, backend, get_backend, set_backend
 from memoryformer.kernels._loader import last_error, load, loaded
-from memoryformer.kernels.decode_inputs import DecodeBlock, DecodeScales, DecodeSettings, DecodeWeights
+from memoryformer.kernels.decode_inputs import (
+    DecodeBlock,
+    DecodeScales,
+    DecodeSettings,
+    DecodeWeights,
+    any_hooks,
+)
 
 __all__ = [
-    "BACKENDS", "DecodeBlock", "DecodeScales", "DecodeSettings", "DecodeWeights", "backend", "decode_block",
+    "BACKENDS", "DecodeBlock", "DecodeScales", "DecodeSettings", "DecodeWeights", "any_hooks", "backend",
+    "decode_block", "decode_blocks",
     "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash", "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
-    "supported", "try_decode_block", "try_memory_hash", "try_memory_layer", "try_memory_layers",
+    "supported", "try_decode_block", "try_decode_blocks", "try_memory_hash", "try_memory_layer", "try_memory_layers",
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -238,6 +250,35 @@ def decode_block(x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, cos: Ten
                                                st.weighting, float(st.temperature), st.gelu)
 
 
+def decode_blocks(x: Tensor, k_caches: list[Tensor], v_caches: list[Tensor], pos: int, cos: Tensor, sin: Tensor,
+                  blocks: list[DecodeBlock], norm_weight: Tensor | None = None) -> Tensor:
+    """Every block of a model for one new token per sequence, then the final RMSNorm, in one op (one
+    dispatch instead of one per block). Inference only.
+
+    Args:
+        x: (B, d) input of the first block, float32.
+        k_caches, v_caches: one (B, H, max_len, Dh) float32 cache per block; position `pos` is written.
+        cos, sin: (rotary_dims,) rotary tables for `pos`.
+        blocks: each block's weights, int8 scales and settings (`DecodeBlock.from_block`); every block
+            must have the same settings.
+        norm_weight: (d,) the final RMSNorm's weight (its eps is the blocks' rms_eps), or None.
+    Returns:
+        (B, d) float32: the last block's output, normed when norm_weight is given.
+    """
+    _require()
+    st = blocks[0].settings
+    if any(b.settings != st for b in blocks[1:]):
+        raise ValueError("decode_blocks needs blocks with the same settings; decode them one by one")
+    empty = x.new_empty(0)
+    params = [empty if p is None else p for b in blocks for p in b.weights]
+    quantized = any(s is not None for b in blocks for s in b.scales)
+    scales = [empty if s is None else s for b in blocks for s in b.scales] if quantized else []
+    return torch.ops.memoryformer.decode_blocks(x, k_caches, v_caches, int(pos), cos, sin, params, scales,
+                                                empty if norm_weight is None else norm_weight, float(st.rms_eps),
+                                                float(st.ln_eps), st.n_heads, st.tau, st.tau2, st.weighting,
+                                                float(st.temperature), st.gelu)
+
+
 _TABLE_FIELDS = frozenset(name for name in DecodeWeights._fields if name.endswith("_table"))
 _TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
@@ -272,6 +313,30 @@ def try_decode_block(block: torch.nn.Module, x: Tensor, rope: tuple[Tensor, Tens
     flat = x.reshape(x.shape[0], -1)
     y = decode_block(flat if flat.is_contiguous() else flat.contiguous(), *caches, cache.length, rope[0], rope[1],
                      inputs)
+    return y.view_as(x)
+
+
+def try_decode_blocks(blocks: list[torch.nn.Module], norm: torch.nn.Module, x: Tensor, rope: tuple[Tensor, Tensor],
+                      cache) -> Tensor | None:
+    """LanguageModel's fused step: x (B, 1, d) through every MemoryFormerBlock of `blocks` and the final
+    RMSNorm `norm` at position `cache.length` of a KVCache -> (B, 1, d) normed hidden states, in one op;
+    or None (nothing written) so that the caller runs block by block, where any block or the norm has
+    hooks or does not decode fused (`try_decode_block`'s conditions), or the blocks' settings differ.
+    The caller checks that `blocks` are plain MemoryFormerBlocks and `norm` an RMSNorm."""
+    if get_backend() == "torch" or torch.jit.is_scripting() or any_hooks([norm, *blocks]):
+        return None
+    inputs = [DecodeBlock.from_block(b) for b in blocks]
+    if any(i is None for i in inputs) or any(i.settings != inputs[0].settings for i in inputs[1:]):
+        return None
+    caches = [(cache.keys[b._modules["attn"].layer], cache.values[b._modules["attn"].layer]) for b in blocks]
+    weight = norm._parameters["weight"]
+    if weight is None or norm.eps != inputs[0].settings.rms_eps or weight.dtype != torch.float32 or \
+            (torch.is_grad_enabled() and weight.requires_grad) or \
+            not all(_decodable(x, c, i) for c, i in zip(caches, inputs)) or not (_loader._state["ok"] or load()):
+        return None
+    flat = x.reshape(x.shape[0], -1)
+    y = decode_blocks(flat if flat.is_contiguous() else flat.contiguous(), [c[0] for c in caches],
+                      [c[1] for c in caches], cache.length, rope[0], rope[1], inputs, weight)
     return y.view_as(x)
 
 

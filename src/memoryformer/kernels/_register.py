@@ -51,6 +51,10 @@ def _fake_decode_block(x, k_cache, v_cache, pos, cos, sin, params, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _fake_decode_blocks(x, k_caches, v_caches, pos, cos, sin, params, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 # ---- autograd -------------------------------------------------------------------------------------
 def _flags(needs, n: int) -> list[bool]:
     return [bool(v) for v in needs] if isinstance(needs, (list, tuple)) else [bool(needs)] * n
@@ -149,15 +153,24 @@ def _register_flops() -> None:
 
     ml1_table = DecodeWeights._fields.index("ml1_table")
 
-    @register_flop_formula(ops.decode_block)
-    def _(x_shape, k_shape, v_shape, pos, cos_shape, sin_shape, params_shapes, scales_shapes, rms_eps, ln_eps,
-          n_heads, tau, tau2, *args, out_shape=None, **kwargs) -> int:
-        b, d = x_shape
-        hidden = params_shapes[ml1_table][1]
+    slots = len(DecodeWeights._fields)
+
+    def block_flops(b: int, d: int, hidden: int, pos: int, tau: int, tau2: int) -> int:
         k1, k2 = d // tau, hidden // tau2
         gathers = k1 * 3 * d + k1 * hidden + k2 * d
         attention = 2 * d * (pos + 1)  # q.k and p.v over the pos + 1 cached positions
         return 2 * b * (gathers + attention)
+
+    @register_flop_formula(ops.decode_block)
+    def _(x_shape, k_shape, v_shape, pos, cos_shape, sin_shape, params_shapes, scales_shapes, rms_eps, ln_eps,
+          n_heads, tau, tau2, *args, out_shape=None, **kwargs) -> int:
+        return block_flops(*x_shape, params_shapes[ml1_table][1], pos, tau, tau2)
+
+    @register_flop_formula(ops.decode_blocks)
+    def _(x_shape, k_shapes, v_shapes, pos, cos_shape, sin_shape, params_shapes, scales_shapes, norm_shape,
+          rms_eps, ln_eps, n_heads, tau, tau2, *args, out_shape=None, **kwargs) -> int:
+        return sum(block_flops(*x_shape, params_shapes[i + ml1_table][1], pos, tau, tau2)
+                   for i in range(0, len(params_shapes), slots))
 
 
 def register_python_side() -> None:
@@ -178,6 +191,7 @@ def register_python_side() -> None:
         "gather_sum_infer": _fake_gather_sum,
         "hash_infer": _fake_hash,
         "decode_block": _fake_decode_block,
+        "decode_blocks": _fake_decode_blocks,
     }
     for name, fn in fakes.items():
         torch.library.register_fake(lib + name, fn)

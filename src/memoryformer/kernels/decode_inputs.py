@@ -9,6 +9,7 @@ registration code both read it).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -70,12 +71,16 @@ class DecodeBlock(NamedTuple):
     def from_block(cls, block: torch.nn.Module) -> DecodeBlock | None:
         """Read a MemoryFormerBlock (memoryformer.core.model), or None where the fused op does not compute
         the same block: a layer without a decode table (`decode_table()` of MemoryLayer and the quantized
-        layers), another activation or norm, or layers that do not share one hash setting.
+        layers), another activation or norm, layers that do not share one hash setting, or a submodule
+        with hooks (the op would skip them).
 
         Runs once per block and token, so submodules and parameters are read from `_modules` and
         `_parameters` directly (nn.Module.__getattr__ costs about 1 us per lookup)."""
         attn, mlp = block._modules["attn"], block._modules["mlp"]
         layers = [attn._modules[n] for n in ("q_proj", "k_proj", "v_proj")] + [mlp._modules["ml1"], mlp._modules["ml2"]]
+        if any_hooks((attn, mlp, block._modules["attn_norm"], block._modules["mlp_norm"], *layers,
+                      mlp._modules["norm"], mlp._modules["act"])):
+            return None
         tables = [getattr(m, "decode_table", _no_table)() for m in layers]
         if any(t is None for t in tables):
             return None
@@ -88,6 +93,18 @@ class DecodeBlock(NamedTuple):
                                 block._modules["mlp_norm"]._parameters["weight"], t1, b1, ln["weight"], ln["bias"],
                                 t2, b2)
         return cls(weights, DecodeScales(sq, sk, sv, s1, s2), settings)
+
+
+def any_hooks(modules: Iterable[torch.nn.Module]) -> bool:
+    """Whether calling any of `modules` would run hooks (their own or global ones), which a fused op
+    that computes them would skip."""
+    from torch.nn.modules import module as hooks
+
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def _no_table() -> None:

@@ -15,6 +15,8 @@
 // ScaleSlot order (an empty tensor for a table that is not int8). Tables may be float32, bfloat16 or
 // int8; sums are float32. Returns the block output (B, d).
 //
+// decode_blocks runs every block of a model in turn, then the final RMSNorm, in one call.
+//
 // The Python side names the same slots: memoryformer.kernels.DecodeWeights and DecodeScales (the
 // field order must match these enums; tests/test_decode_kernel.py compares them).
 
@@ -341,7 +343,7 @@ void attend_all(const DecodeDims& m, float* q, float* k, const float* v, float* 
 
 }  // namespace
 
-at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
                         const at::Tensor& cos_, const at::Tensor& sin_, at::TensorList params,
                         at::TensorList scales, double rms_eps,
                         double ln_eps, int64_t n_heads, int64_t tau, int64_t tau2, c10::string_view weighting,
@@ -395,12 +397,54 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   return y;
 }
 
+// Every block of a model for one decoding step, then the final RMSNorm: decode_block for each block in
+// turn, in one call (one dispatch from Python instead of one per block). k_caches and v_caches hold
+// one (B, H, max_len, Dh) cache per block; params the blocks' tensors, NUM_DECODE_SLOTS per block in
+// block order; scales is empty or NUM_SCALE_SLOTS per block; norm_w (d) is the final RMSNorm's weight
+// (empty: no final norm). Every block shares the scalar settings.
+at::Tensor decode_blocks(const at::Tensor& x, at::TensorList k_caches, at::TensorList v_caches, int64_t pos,
+                         const at::Tensor& cos_, const at::Tensor& sin_, at::TensorList params,
+                         at::TensorList scales, const at::Tensor& norm_w, double rms_eps, double ln_eps,
+                         int64_t n_heads, int64_t tau, int64_t tau2, c10::string_view weighting,
+                         double temperature, bool gelu) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(v_caches.size()) == L,
+              "memoryformer::decode_blocks: expected one key and one value cache per block; got ", k_caches.size(),
+              " and ", v_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == L * NUM_DECODE_SLOTS, "memoryformer::decode_blocks: expected ",
+              int(NUM_DECODE_SLOTS), " parameter tensors for each of the ", L, " blocks, got ", params.size());
+  TORCH_CHECK(scales.empty() || static_cast<int64_t>(scales.size()) == L * NUM_SCALE_SLOTS,
+              "memoryformer::decode_blocks: expected no scales or ", int(NUM_SCALE_SLOTS), " for each of the ", L,
+              " blocks, got ", scales.size());
+  at::Tensor h = x;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::TensorList block_scales = scales.empty() ? scales : scales.slice(l * NUM_SCALE_SLOTS, NUM_SCALE_SLOTS);
+    h = decode_block(h, k_caches[l], v_caches[l], pos, cos_, sin_, params.slice(l * NUM_DECODE_SLOTS,
+                     NUM_DECODE_SLOTS), block_scales, rms_eps, ln_eps, n_heads, tau, tau2, weighting, temperature,
+                     gelu);
+  }
+  if (norm_w.numel() == 0) return h;
+  const int64_t B = h.size(0), d = h.size(1);
+  check_f32(norm_w, "norm_w", {d});
+  at::Tensor y = at::empty_like(h);
+  for (int64_t b = 0; b < B; ++b)
+    rms_norm(h.data_ptr<float>() + b * d, norm_w.data_ptr<float>(), d, static_cast<float>(rms_eps),
+             y.data_ptr<float>() + b * d);
+  return y;
+}
+
 }  // namespace mf
 
 TORCH_LIBRARY_FRAGMENT(memoryformer, m) {
   m.def("decode_block(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, "
         "Tensor[] params, Tensor[] scales, float rms_eps, float ln_eps, int n_heads, int tau, int tau2, str weighting, "
         "float temperature, bool gelu) -> Tensor");
+  m.def("decode_blocks(Tensor x, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int pos, Tensor cos, Tensor sin, "
+        "Tensor[] params, Tensor[] scales, Tensor norm_w, float rms_eps, float ln_eps, int n_heads, int tau, "
+        "int tau2, str weighting, float temperature, bool gelu) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(memoryformer, CPU, m) { m.impl("decode_block", &mf::decode_block); }
+TORCH_LIBRARY_IMPL(memoryformer, CPU, m) {
+  m.impl("decode_block", &mf::decode_block);
+  m.impl("decode_blocks", &mf::decode_blocks);
+}
