@@ -26,12 +26,16 @@ def machine() -> dict:
     return info
 
 
-def allocator_huge_pages(enabled: bool) -> None:
-    """Ask PyTorch's CPU allocator for 2 MiB pages on large allocations (THP_MEM_ALLOC_ENABLE), or not.
+def configure_allocator(huge_pages: bool) -> None:
+    """Ask PyTorch's CPU allocator for 2 MiB pages on large allocations (THP_MEM_ALLOC_ENABLE), or not,
+    and keep freed memory for reuse as the `memoryformer` command does (memoryformer.allocator).
 
     Call before the first tensor is allocated: the allocator reads the variable once. It applies to the
     dense and the MemoryFormer side alike (see memoryformer/pages.py for why it matters)."""
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if enabled else "0"
+    from memoryformer import allocator
+
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if huge_pages else "0"
+    allocator.configure()
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 5, min_time: float = 0.05,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_huge_pages, time_interleaved, write_results  # noqa: E402
+from common import configure_allocator, time_interleaved, write_results  # noqa: E402
 
 from memoryformer import MemoryLayer  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="4 KiB pages for every tensor (default: the allocator's 2 MiB pages, both layers)")
     args = parser.parse_args()
-    allocator_huge_pages(not args.no_huge_pages)
+    configure_allocator(not args.no_huge_pages)
     torch.manual_seed(0)
     rows = []
     header = f"{'d':>5} {'N':>5} {'mode':>8} {'dtype':>5} {'Linear ms':>10} {'Memory ms':>10} {'ratio':>6}"

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_huge_pages, time_interleaved, write_results  # noqa: E402
+from common import configure_allocator, time_interleaved, write_results  # noqa: E402
 
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
 from memoryformer.inference.pages import huge_page_tensor, huge_pages_available, use_huge_pages  # noqa: E402
@@ -262,9 +262,18 @@ def like_case(precision: str, head: bool) -> str:
             f"vs dense {precision_label('dense', precision, h)}")
 
 
-def decode_cases(models: dict[str, LanguageModel], dtype_name: str, variants: bool) -> list[Case]:
+def decode_cases(models: dict[str, LanguageModel], dtype_name: str, variants: bool,
+                 huge_pages: bool = True) -> list[Case]:
     """The decode cases: both models at `dtype_name`, then (variants) lower-precision heads, int8 tables,
-    and the like-for-like pairs (fp32 models only)."""
+    and the like-for-like pairs (fp32 models only). Quantized copies go on 2 MiB pages like the models
+    (as `memoryformer generate` does), both sides alike, when `huge_pages`."""
+
+    def quantize(model: LanguageModel, **kwargs) -> LanguageModel:
+        q = quantize_model(model, **kwargs)
+        if huge_pages:
+            use_huge_pages(q)
+        return q
+
     cases = []
     for batch, context, head in itertools.product((1, 8), (128, 1024), (True, False)):
         prec = {k: (dtype_name, dtype_name if head else None) for k in models}
@@ -274,7 +283,7 @@ def decode_cases(models: dict[str, LanguageModel], dtype_name: str, variants: bo
         return cases
     for label, tables, head, batches in (("bf16 head", None, "bf16", (1, 8)), ("int8 head", None, "int8", (1,)),
                                          ("int8 tables + bf16 head", "int8", "bf16", (1,))):  # tables: MF only
-        quantized = {k: quantize_model(m, tables=tables if k == "memoryformer" else None, head=head)
+        quantized = {k: quantize(m, tables=tables if k == "memoryformer" else None, head=head)
                      for k, m in models.items()}
         prec = {k: ((tables if k == "memoryformer" else None) or dtype_name, head) for k in models}
         for batch in batches:
@@ -283,8 +292,8 @@ def decode_cases(models: dict[str, LanguageModel], dtype_name: str, variants: bo
     if dtype_name != "fp32":  # a bf16 model's own rows are its bf16 like-for-like
         return cases
     for precision in LIKE_FOR_LIKE:
-        quantized = {"memoryformer": quantize_model(models["memoryformer"], tables=precision, head=precision),
-                     "dense": quantize_model(models["dense"], blocks=precision, head=precision)}
+        quantized = {"memoryformer": quantize(models["memoryformer"], tables=precision, head=precision),
+                     "dense": quantize(models["dense"], blocks=precision, head=precision)}
         for head in (True, False):
             prec = {k: (precision, precision if head else None) for k in models}
             cases.append(Case(like_case(precision, head), head, 1,
@@ -406,7 +415,7 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true",
                         help="only (re)measure peak memory and update an existing results file")
     args = parser.parse_args()
-    allocator_huge_pages(not args.no_huge_pages)  # activations and gradients too, both models
+    configure_allocator(not args.no_huge_pages)  # activations and gradients too, both models
     mf_name, dense_name = PAIRS[args.pair]
     dtype = DTYPES[args.dtype]
     if args.memory_only:
@@ -415,7 +424,7 @@ def main() -> None:
     models = {"memoryformer": build(mf_name, dtype, huge_pages=huge), "dense": build(dense_name, dtype, huge_pages=huge)}
     configs = {k: m.config for k, m in models.items()}
     float_bytes = torch.empty(0, dtype=dtype).element_size()
-    cases = decode_cases(models, args.dtype, not args.skip_head_variants)
+    cases = decode_cases(models, args.dtype, not args.skip_head_variants, huge)
     for head in (True, False):
         cases.append(Case(PREFILL_CASE, head, 512, {k: prefill_fn(m, 512, head) for k, m in models.items()},
                           {k: (args.dtype, args.dtype if head else None) for k in models}))

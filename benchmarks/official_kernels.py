@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_huge_pages, time_interleaved, write_results  # noqa: E402
+from common import configure_allocator, time_interleaved, write_results  # noqa: E402
 
 from memoryformer import MemoryLayer, kernels  # noqa: E402
 from memoryformer.kernels import _loader  # noqa: E402
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> None:
     """Check the sources, build both sides' kernels, measure, write the results."""
     check_sizes(args)
     root = check_sources(args.official_src)
-    allocator_huge_pages(not args.no_huge_pages)
+    configure_allocator(not args.no_huge_pages)
     functions, flags = build_official(root, args.build_dir)
     ours_ready()
     torch.set_num_threads(torch.get_num_threads())  # also the OpenMP default of their parallel regions

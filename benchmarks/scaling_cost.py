@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, allocator_huge_pages, time_interleaved, write_results  # noqa: E402
+from common import RESULTS, configure_allocator, time_interleaved, write_results  # noqa: E402
 from model import PAIRS, build, decode_fn, train_fn  # noqa: E402
 
 from memoryformer.inference.pages import huge_pages_available  # noqa: E402
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the ends of each sweep, 1 round (a smoke test)")
     args = parser.parse_args(argv)
-    allocator_huge_pages(True)
+    configure_allocator(True)
     rounds = 1 if args.quick else args.rounds
     contexts, batches, shapes = ((QUICK["context"], QUICK["batch"], QUICK["train"]) if args.quick
                                  else (CONTEXTS, BATCHES, TRAIN_SHAPES))

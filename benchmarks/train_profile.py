@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_huge_pages, write_results  # noqa: E402
+from common import configure_allocator, write_results  # noqa: E402
 
 from memoryformer.train.optim import clip_gradients  # noqa: E402
 
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    allocator_huge_pages(True)
+    configure_allocator(True)
     torch.set_num_threads(args.threads)
     rows, notes, raw = [], [], {}
     for pair in (PAIRS if args.pair == "both" else [args.pair]):

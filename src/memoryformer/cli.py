@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from memoryformer import allocator
+
 # verb -> (module under memoryformer.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run the main job: train a small MemoryFormer and its dense twin, compare"),
@@ -44,10 +46,8 @@ def _load(module_name: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # 2 MiB pages for large CPU tensors: Memory Layers read scattered table rows, and on 4 KiB pages a
-    # TLB miss per row made forward + backward at N=2048, d=1024 1.6x slower (benchmarks/layer.py). PyTorch's
-    # allocator reads this once, at the first allocation; set THP_MEM_ALLOC_ENABLE=0 to opt out.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # 2 MiB pages for large tensors, freed memory kept for reuse (memoryformer.allocator): before any tensor
+    allocator.configure()
     verb = argv[0] if argv and argv[0] in VERBS else None
     parser = build_parser(only=verb)
     args = parser.parse_args(argv)
