@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -36,3 +38,20 @@ def _signal_handlers_restored(request):
     for s, h in before.items():
         signal.signal(s, h)
     assert not changed, f"{request.node.nodeid} left its {', '.join(changed)} handler installed"
+
+
+@pytest.fixture(autouse=True)
+def _allocator_left_alone(monkeypatch):
+    """`memoryformer` commands run in-process call allocator.configure(): its environment variables are
+    put back after each test, and its mallopt calls stay out of the pytest process."""
+    from memoryformer import allocator
+
+    keys = (*allocator.DEFAULTS, *allocator.GLIBC_DEFAULTS, "MEMORYFORMER_ALLOCATOR")
+    before = {k: os.environ.get(k) for k in keys}
+    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: None)
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

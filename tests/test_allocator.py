@@ -21,8 +21,21 @@ def test_defaults_user_values_and_opt_out():
     mine = {"THP_MEM_ALLOC_ENABLE": "0", "MALLOC_MMAP_MAX_": "65536"}
     allocator.configure(mine)
     assert mine["THP_MEM_ALLOC_ENABLE"] == "0" and mine["MALLOC_MMAP_MAX_"] == "65536"
-    off = {"MEMORYFORMER_ALLOCATOR": "0"}
-    assert allocator.configure(off) == {} and off == {"MEMORYFORMER_ALLOCATOR": "0"}
+    for word in ("0", "off", "False"):
+        off = {"MEMORYFORMER_ALLOCATOR": word}
+        assert allocator.configure(off) == {} and off == {"MEMORYFORMER_ALLOCATOR": word}
+
+
+@pytest.mark.skipif(not allocator.is_glibc(), reason="mallopt is glibc's")
+def test_mallopt_only_for_what_configure_set(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")  # the user's, applied by glibc at start-up
+    monkeypatch.delenv("MEMORYFORMER_ALLOCATOR", raising=False)
+    allocator.configure()
+    assert calls == [(allocator._M_MMAP_MAX, 0)]
+    assert allocator.configure({}) and calls == [(allocator._M_MMAP_MAX, 0)]  # another mapping: no mallopt
 
 
 # Resident memory after freeing a 256 MiB tensor: glibc returns an mmap'd block to the kernel at once;

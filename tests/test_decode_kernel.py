@@ -288,7 +288,7 @@ def test_quantized_tables_decode_fused_like_their_float64_dequantised_model(buil
             layer.table.copy_(table)
     calls = _count_fused(monkeypatch)
     _decode_against(qmodel, reference, torch.randint(0, cfg.vocab_size, (2, 8)), prompt=4)
-    assert calls[0] == 4 * cfg.n_layers
+    assert calls == [4 * cfg.n_layers, 4]
 
 
 def test_hooks_are_never_skipped(built, monkeypatch):
@@ -309,7 +309,7 @@ def test_hooks_are_never_skipped(built, monkeypatch):
     model.blocks[1].attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q_proj", seen["q_proj"] + 1))
     calls = _count_fused(monkeypatch)
     _decode_against(model, reference, idx, prompt=4)
-    assert calls == [3, 0] and seen["q_proj"] == 4  # block 0 fused, block 1 eager (and its hook) each step
+    assert calls == [3 * (cfg.n_layers - 1), 0] and seen["q_proj"] == 4  # block 1 eager (and its hook) each step
 
 
 def _blocks_args(cfg: ModelConfig, n_blocks: int = 2, batch: int = 2, pos: int = 3):
@@ -368,3 +368,56 @@ def test_decode_blocks_opcheck_meta_flops_and_errors(built):
     other = block._replace(settings=block.settings._replace(gelu=not block.settings.gelu))
     with pytest.raises(ValueError, match="the same settings"):
         kernels.decode_blocks(x, kcs, vcs, pos, cos, sin, [block, other])
+
+
+@pytest.mark.parametrize("change", ["mlp_norm_eps", "layer_norm", "instance_forward", "final_norm_eps"])
+def test_blocks_and_norms_the_op_does_not_compute_decode_eagerly(built, change, monkeypatch):
+    """Each change makes the fused ops compute something else: the block (or, for the final norm's eps,
+    the one-op step) must decline, and decoding must still match the float64 reference."""
+    cfg = _config()
+    torch.manual_seed(9)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=10)
+    block = model.blocks[0]
+    if change == "mlp_norm_eps":
+        block.mlp_norm.eps = 1e-3
+    elif change == "layer_norm":
+        block.attn_norm = torch.nn.LayerNorm(cfg.d_model)
+    elif change == "instance_forward":
+        plain = block.attn.q_proj.forward
+        block.attn.q_proj.forward = lambda x, hashed=None: 2 * plain(x, hashed)
+    else:
+        model.norm.eps = 1e-3
+    reference = copy.deepcopy(model).double()
+    if change == "instance_forward":  # the copied lambda still calls the original layer: give it its own
+        q_ref = reference.blocks[0].attn.q_proj
+        ref_forward = type(q_ref).forward.__get__(q_ref)
+        q_ref.forward = lambda x, hashed=None: 2 * ref_forward(x, hashed)
+    calls = _count_fused(monkeypatch)
+    _decode_against(model, reference, torch.randint(0, cfg.vocab_size, (2, 7)), prompt=4)
+    one_by_one = 3 * cfg.n_layers if change == "final_norm_eps" else 3 * (cfg.n_layers - 1)
+    assert calls == [one_by_one, 0]
+
+
+def test_mixed_int8_and_float_blocks_decode_in_one_op(built, monkeypatch):
+    """Block 0 with int8 tables, block 1 float32: decode_blocks pads the float block's scales."""
+    from memoryformer.inference.quantize import quantize_model
+
+    cfg = _config()
+    torch.manual_seed(11)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=12)
+    mixed = quantize_model(model, tables="int8")
+    mixed.blocks[1] = copy.deepcopy(model.blocks[1])
+    idx = torch.randint(0, cfg.vocab_size, (2, 7))
+    calls = _count_fused(monkeypatch)
+    with torch.no_grad():
+        cache = mixed.new_cache(2, 7)
+        mixed(idx[:, :4], cache=cache)
+        fused = [mixed(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 7)]
+        with kernels.backend("torch"):
+            cache = mixed.new_cache(2, 7)
+            mixed(idx[:, :4], cache=cache)
+            eager = [mixed(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 7)]
+    assert calls == [3 * cfg.n_layers, 3]
+    torch.testing.assert_close(torch.cat(fused, 1), torch.cat(eager, 1), rtol=1e-4, atol=1e-4)

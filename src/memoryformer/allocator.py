@@ -17,13 +17,14 @@ Two settings, both for speed, neither changes a result:
   `mallopt` for this process and through the environment for the processes it starts (workers,
   benchmarks, torchrun ranks), since glibc reads the variables at start-up.
 
-A variable already set by the user wins. `MEMORYFORMER_ALLOCATOR=0` leaves everything as it is.
+A variable already set by the user wins. `MEMORYFORMER_ALLOCATOR=0` (or off / false / no) leaves everything as
+it is. glibc applies the heap settings to the main thread's heap; blocks over 64 MiB allocated by other
+threads still get their own mappings.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from collections.abc import MutableMapping
@@ -43,24 +44,26 @@ def is_glibc() -> bool:
 
 def configure(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Apply the settings above (user-set variables win); returns the variables now in effect that it
-    manages. `environ` defaults to os.environ; mallopt is called only for os.environ."""
+    manages. `environ` defaults to os.environ; mallopt runs only for os.environ, and only for the
+    variables this call set (glibc read the user's own at start-up)."""
     env = os.environ if environ is None else environ
-    if env.get("MEMORYFORMER_ALLOCATOR", "1") == "0":
+    if env.get("MEMORYFORMER_ALLOCATOR", "1").strip().lower() in ("0", "off", "false", "no"):
         return {}
     wanted = {**DEFAULTS, **(GLIBC_DEFAULTS if is_glibc() else {})}
-    for key, value in wanted.items():
-        env.setdefault(key, value)
-    if environ is None and is_glibc():
-        _mallopt(_M_MMAP_MAX, env["MALLOC_MMAP_MAX_"])
-        _mallopt(_M_TRIM_THRESHOLD, env["MALLOC_TRIM_THRESHOLD_"])
+    filled = [key for key in wanted if key not in env]
+    for key in filled:
+        env[key] = wanted[key]
+    if env is os.environ and is_glibc():
+        for key in filled:
+            if key in GLIBC_DEFAULTS:
+                _mallopt(_MALLOPT_PARAMS[key], int(wanted[key]))
     return {key: env[key] for key in wanted}
 
 
-def _mallopt(param: int, value: str) -> None:
-    """glibc mallopt(param, int(value)); a value that is not an integer is left to glibc's own parsing."""
-    try:
-        number = int(value)
-    except ValueError:
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.mallopt(ctypes.c_int(param), ctypes.c_int(number))
+_MALLOPT_PARAMS = {"MALLOC_MMAP_MAX_": _M_MMAP_MAX, "MALLOC_TRIM_THRESHOLD_": _M_TRIM_THRESHOLD}
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc mallopt(param, value); False where glibc refused it (mallopt returns 0 on failure)."""
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))

@@ -120,10 +120,11 @@ def memory_layer(
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` would run hooks (its own or global ones), which a fused op would skip."""
+    """Whether calling `module` would run code a fused op would skip: hooks (its own or global ones) or a
+    forward replaced on the instance."""
     from torch.nn.modules import module as hooks
 
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+    return bool("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
                 or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
 

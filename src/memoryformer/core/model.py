@@ -194,13 +194,20 @@ class MemoryFormerBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None) -> Tensor:
         """(B, T, d) -> (B, T, d); standard pre-norm residuals (paper Eq. 13)."""
-        if cache is not None and x.shape[1] == 1:
+        if cache is not None and x.shape[1] == 1 and self.decodes_fused():
             # one fused C++ op for the whole block (memoryformer.kernels.DecodeBlock), where it applies
             fused = _kernels.try_decode_block(self, x, rope, cache)
             if fused is not None:
                 return fused
         h = x + self.attn(self.attn_norm(x), rope, cache)
         return h + self.mlp(self.mlp_norm(h))
+
+    def decodes_fused(self) -> bool:
+        """Whether the fused decode op computes this block as it is: both norms plain RMSNorms with one
+        eps, and no forward replaced on an instance (the op checks the layers, kernels.DecodeBlock)."""
+        a, m = self._modules["attn_norm"], self._modules["mlp_norm"]
+        return (type(a) is RMSNorm and type(m) is RMSNorm and a.eps == m.eps
+                and not any("forward" in mod.__dict__ for mod in (self, a, m)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +356,9 @@ class LanguageModel(nn.Module):
 
     def _decodes_fused(self) -> bool:
         """Whether the blocks and final norm are the plain classes the fused decode op computes."""
-        return type(self.norm) is RMSNorm and all(type(b) is MemoryFormerBlock for b in self.blocks)
+        norm = self._modules["norm"]
+        return type(norm) is RMSNorm and "forward" not in norm.__dict__ and \
+            all(type(b) is MemoryFormerBlock and b.decodes_fused() for b in self.blocks)
 
     def _rotary_tables(self, device: torch.device, dtype: torch.dtype, length: int) -> tuple[Tensor, Tensor]:
         """cos, sin (n, rotary_dims) for positions [0, n), n >= length: computed once per device and dtype

@@ -266,6 +266,8 @@ def decode_blocks(x: Tensor, k_caches: list[Tensor], v_caches: list[Tensor], pos
         (B, d) float32: the last block's output, normed when norm_weight is given.
     """
     _require()
+    if not blocks:
+        raise ValueError("decode_blocks needs at least one block")
     st = blocks[0].settings
     if any(b.settings != st for b in blocks[1:]):
         raise ValueError("decode_blocks needs blocks with the same settings; decode them one by one")
@@ -325,13 +327,16 @@ def try_decode_blocks(blocks: list[torch.nn.Module], norm: torch.nn.Module, x: T
     The caller checks that `blocks` are plain MemoryFormerBlocks and `norm` an RMSNorm."""
     if get_backend() == "torch" or torch.jit.is_scripting() or any_hooks([norm, *blocks]):
         return None
-    inputs = [DecodeBlock.from_block(b) for b in blocks]
-    if any(i is None for i in inputs) or any(i.settings != inputs[0].settings for i in inputs[1:]):
-        return None
+    inputs = []
+    for b in blocks:
+        block = DecodeBlock.from_block(b)
+        if block is None or (inputs and block.settings != inputs[0].settings):
+            return None
+        inputs.append(block)
     caches = [(cache.keys[b._modules["attn"].layer], cache.values[b._modules["attn"].layer]) for b in blocks]
     weight = norm._parameters["weight"]
     if weight is None or norm.eps != inputs[0].settings.rms_eps or weight.dtype != torch.float32 or \
-            (torch.is_grad_enabled() and weight.requires_grad) or \
+            not weight.is_cpu or not weight.is_contiguous() or (torch.is_grad_enabled() and weight.requires_grad) or \
             not all(_decodable(x, c, i) for c, i in zip(caches, inputs)) or not (_loader._state["ok"] or load()):
         return None
     flat = x.reshape(x.shape[0], -1)

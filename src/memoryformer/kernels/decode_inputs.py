@@ -1,4 +1,4 @@
-"""The inputs of the fused decode op `memoryformer::decode_block`, by name.
+"""The inputs of the fused decode ops `memoryformer::decode_block` and `decode_blocks`, by name.
 
 DecodeWeights and DecodeScales are the op's tensor lists in its slot order (the C++ enums DecodeSlot and
 ScaleSlot of decode_kernels.cpp mirror them; tests/test_decode_kernel.py compares the two), DecodeSettings
@@ -96,15 +96,15 @@ class DecodeBlock(NamedTuple):
 
 
 def any_hooks(modules: Iterable[torch.nn.Module]) -> bool:
-    """Whether calling any of `modules` would run hooks (their own or global ones), which a fused op
-    that computes them would skip."""
+    """Whether calling any of `modules` would run code that a fused op computing them would skip: hooks
+    (their own or global ones, e.g. FlopCounterMode's) or a forward replaced on the instance."""
     from torch.nn.modules import module as hooks
 
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
             or hooks._global_backward_pre_hooks):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in modules)
+               or "forward" in m.__dict__ for m in modules)
 
 
 def _no_table() -> None:
