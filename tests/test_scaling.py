@@ -361,12 +361,15 @@ def test_pending_arms_run_cheapest_first():
     rows = []
     for arm in first:
         row = fake_row(arm)
-        row["wall_s"] = arm.labels["budget"] * (1e-3 if arm.labels["series"] == "MF" else 5e-3)
+        row["elapsed_seconds"] = arm.labels["budget"] * (1e-3 if arm.labels["series"] == "MF" else 5e-3)
+        row["wall_s"] = row["elapsed_seconds"]
         rows.append(row)
     planner = Planner(s, series, rows)
     pending = [a for a in planner.arms() if a.name not in {r["name"] for r in rows}]
     costs = [planner.expected_seconds(a) for a in pending]
     assert costs == sorted(costs) and len(set(costs)) > 1
     assert planner.seconds_per_token == {"MF": pytest.approx(1e-3), "twin": pytest.approx(5e-3)}
+    resumed = {**rows[0], "wall_s": 1.0}  # a resumed arm's wall_s counts its last session only
+    assert Planner(s, series, [resumed, *rows[1:]]).seconds_per_token == planner.seconds_per_token
     unmeasured = next(a for a in pending if a.labels["series"] not in ("MF", "twin"))
     assert planner.expected_seconds(unmeasured) == pytest.approx(unmeasured.labels["budget"] * 5e-3)

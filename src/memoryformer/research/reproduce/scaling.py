@@ -230,16 +230,17 @@ class Planner:
         return sorted(out, key=self.expected_seconds)  # stable: plan order among equals
 
     def expected_seconds(self, arm: Arm) -> float:
-        """An arm's budget x its series' measured seconds per token (finished arms' wall time; a series
-        with none yet counts as the slowest measured one)."""
+        """An arm's budget x its series' measured seconds per token (finished arms' training time over
+        all the sessions an arm ran in; a series with none yet counts as the slowest measured one)."""
         return arm.labels["budget"] * self.seconds_per_token.get(arm.labels["series"], self.slowest)
 
     def _time_per_token(self, rows: Sequence[dict[str, Any]]) -> None:
         per: dict[str, list[float]] = {}
         for r in rows:
             lab = r.get("labels") or {}
-            if "series" in lab and r.get("wall_s") and r.get("train_tokens") and not r.get("diverged"):
-                per.setdefault(lab["series"], []).append(r["wall_s"] / r["train_tokens"])
+            seconds = r.get("elapsed_seconds") or r.get("wall_s")  # elapsed: every session of a resumed arm
+            if "series" in lab and seconds and r.get("train_tokens") and not r.get("diverged"):
+                per.setdefault(lab["series"], []).append(seconds / r["train_tokens"])
         self.seconds_per_token = {k: sum(v) / len(v) for k, v in per.items()}
         self.slowest = max(self.seconds_per_token.values(), default=1.0)
 
