@@ -213,6 +213,21 @@ def test_report_fits_the_best_arms_and_predicts_the_gap(study, tmp_path):
         assert (tmp_path / "results" / "scaling" / f"{name}.png").stat().st_size > 5_000
 
 
+def test_report_of_the_first_arm_draws_without_warnings(study, tmp_path):
+    """The report is rewritten after every arm: with one arm finished no plot has a line yet, and none
+    may warn (matplotlib's empty-legend warning used to print three times per arm)."""
+    import warnings
+
+    from memoryformer.research.reproduce.scaling_report import plot_all, summarize
+
+    series, rows, planner = study
+    first = rows[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plot_all(summarize(series, Planner(Settings(), series, first), first), tmp_path)
+    assert paths and all(p.stat().st_size > 1_000 for p in paths)
+
+
 # ---- the machinery on a tiny setting, without matplotlib, then with it -----------------------------------
 
 

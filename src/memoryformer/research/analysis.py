@@ -274,6 +274,13 @@ def _pyplot():
     return plt
 
 
+def legend(ax, **kwargs) -> None:
+    """ax.legend(**kwargs) when the axes have labelled artists; nothing otherwise (matplotlib warns on an
+    empty legend, e.g. a report drawn before its first arm finished)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _smooth(values: Sequence[float], window: int) -> list[float]:
     out, acc = [], 0.0
     for i, v in enumerate(values):

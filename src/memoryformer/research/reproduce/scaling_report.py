@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memoryformer.research.analysis import KIND_ORDER, fit_power_law, power_law
+from memoryformer.research.analysis import KIND_ORDER, fit_power_law, legend, power_law
 from memoryformer.research.reproduce.registry import _lr_tag
 from memoryformer.research.reproduce.scaling import Planner, Series, tokens_tag
 
@@ -229,7 +229,7 @@ def _loglog(ax, title: str, xlabel: str) -> None:
     ax.set_ylabel("held-out loss (nats)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    legend(ax, fontsize=7)
 
 
 def _plot_loss(summary: dict[str, Any], path: Path, x: str, xlabel: str, fitted: bool) -> Path:
@@ -266,7 +266,7 @@ def _plot_best_lr(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("best peak LR")
     ax.set_title("Best LR against token budget")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -289,7 +289,7 @@ def _plot_usage(summary: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("training tokens")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+        legend(ax, fontsize=6)
     fig.suptitle("Bucket usage on held-out text against tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
