@@ -4,7 +4,8 @@
 
 Cases, each timed in the same process with the two models alternating (medians over rounds):
   decode   one new token per sequence, batch 1 and 8, after a 128- or 1024-token context (KV cache);
-           each call a different token (from 256 random ones), so Memory Layers read uncached rows
+           each call a different token (from 256 random ones), so Memory Layers read uncached rows;
+           steps as generate() takes them (MemoryFormer's fused op with the cache's decode_plan)
   prefill  512 tokens, batch 1
   train    one training step as the training loop takes it (forward, cross-entropy, backward,
            clip_gradients, AdamW from build_optimizer, fused where supported, zero_grad): batch 4 x 512
@@ -71,6 +72,7 @@ def build(preset: str, dtype: torch.dtype, seq: int = 2048, huge_pages: bool = T
 
 def decode_fn(model: LanguageModel, batch: int, context: int, head: bool):
     cache = model.new_cache(batch, context + 1)
+    cache.decode_plan = model.decode_plan(cache)  # as generate() steps: the model read once (None: dense)
     vocab = model.config.vocab_size
     with torch.no_grad():
         model.hidden_states(torch.randint(0, vocab, (batch, context)), cache=cache)

@@ -40,7 +40,7 @@ def _count_fused(monkeypatch) -> list[int]:
     """Blocks run by the fused ops: calls[0] counts blocks (decode_block: one, decode_blocks: each of its
     blocks), calls[1] the calls of decode_blocks (LanguageModel's one-op step)."""
     calls = [0, 0]
-    one, every = kernels.decode_block, kernels.decode_blocks
+    one, every = kernels.decode_block, kernels._decode_blocks_op  # decode_blocks and planned steps call it
 
     def counting_one(*args, **kwargs):
         calls[0] += 1
@@ -52,7 +52,7 @@ def _count_fused(monkeypatch) -> list[int]:
         return every(x, k_caches, *args, **kwargs)
 
     monkeypatch.setattr(kernels, "decode_block", counting_one)
-    monkeypatch.setattr(kernels, "decode_blocks", counting_every)
+    monkeypatch.setattr(kernels, "_decode_blocks_op", counting_every)
     return calls
 
 
@@ -421,3 +421,91 @@ def test_mixed_int8_and_float_blocks_decode_in_one_op(built, monkeypatch):
             eager = [mixed(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 7)]
     assert calls == [3 * cfg.n_layers, 3]
     torch.testing.assert_close(torch.cat(fused, 1), torch.cat(eager, 1), rtol=1e-4, atol=1e-4)
+
+
+# ---- a decode plan: the model read once per KV cache (generate() pins one) -------------------------------
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    """Counts DecodeBlock.from_block calls (the per-step reading of the model a plan saves)."""
+    reads = [0]
+    original = DecodeBlock.from_block.__func__
+
+    def counting(cls, block):
+        reads[0] += 1
+        return original(cls, block)
+
+    monkeypatch.setattr(DecodeBlock, "from_block", classmethod(counting))
+    return reads
+
+
+def test_generate_reads_the_model_once_and_matches_the_eager_path(built, monkeypatch):
+    cfg = _config(memory_block_activation="gelu")
+    torch.manual_seed(9)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=10)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4))
+    calls, reads = _count_fused(monkeypatch), _count_reads(monkeypatch)
+    fused = model.generate(prompt, 10, temperature=0)
+    assert calls == [9 * cfg.n_layers, 9] and reads[0] == cfg.n_layers  # 9 fused steps, one reading
+    with kernels.backend("torch"):
+        eager = model.generate(prompt, 10, temperature=0)
+    assert torch.equal(fused, eager)
+
+
+def test_planned_steps_equal_unplanned_ones_and_see_in_place_updates(built, monkeypatch):
+    cfg = _config()
+    torch.manual_seed(11)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=12)
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    planned, plain = model.new_cache(2, 8), model.new_cache(2, 8)
+    planned.decode_plan = model.decode_plan(planned)
+    assert isinstance(planned.decode_plan, kernels.DecodePlan)
+    calls = _count_fused(monkeypatch)
+    with torch.no_grad():
+        model(idx[:, :4], cache=planned)
+        model(idx[:, :4], cache=plain)
+        for t in range(4, 8):
+            if t == 6:  # an in-place update of a table, as an optimizer step or load_state_dict makes
+                model.blocks[0].mlp.ml2.table.mul_(1.5)
+            a, _ = model(idx[:, t:t + 1], cache=planned)
+            b, _ = model(idx[:, t:t + 1], cache=plain)
+            assert torch.equal(a, b)
+    assert calls == [2 * 4 * cfg.n_layers, 8]  # both caches' steps fused
+    assert torch.equal(planned.keys[1], plain.keys[1]) and torch.equal(planned.values[0], plain.values[0])
+
+
+def test_a_plan_declines_where_its_step_must_run_otherwise(built, monkeypatch):
+    """Another cache, the torch backend, global hooks (FlopCounterMode) or gradients: the step runs
+    unplanned (and right); a Pythia model has no plan."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = _config()
+    torch.manual_seed(13)
+    model = LanguageModel(cfg).eval()
+    reference = copy.deepcopy(model).double()
+    idx = torch.randint(0, cfg.vocab_size, (1, 6))
+    cache, other = model.new_cache(1, 6), model.new_cache(1, 6)
+    plan = model.decode_plan(cache)
+    x = model.embed(idx[:, :1])
+    rope = tuple(t[:1] for t in model._rotary_tables(x.device, x.dtype, 1))
+    with torch.no_grad():
+        assert kernels.try_decode_planned(plan, x, rope, other) is None
+        with kernels.backend("torch"):
+            assert kernels.try_decode_planned(plan, x, rope, cache) is None
+        with FlopCounterMode(display=False):
+            assert kernels.try_decode_planned(plan, x, rope, cache) is None
+    assert kernels.try_decode_planned(plan, x, rope, cache) is None  # grad mode, parameters require grad
+    cache.decode_plan = plan
+    with torch.no_grad():
+        model(idx[:, :5], cache=cache)
+        with kernels.backend("torch"):
+            reference(idx[:, :5], cache=(ref_cache := reference.new_cache(1, 6)))
+            want, _ = reference(idx[:, 5:], cache=ref_cache)
+    got, _ = model(idx[:, 5:], cache=cache)  # grad mode: the eager blocks
+    assert got.requires_grad
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    dense = LanguageModel(ModelConfig(architecture="pythia", vocab_size=97, n_layers=2, d_model=32, n_heads=4,
+                                      max_seq_len=40))
+    assert dense.decode_plan(dense.new_cache(1, 4)) is None

@@ -18,6 +18,8 @@ Public API (x: (..., K*tau); table: (K * 2**tau, out_features)):
     decode_block(x, k_cache, v_cache, pos, cos, sin, DecodeBlock) -> (B, d): one block, one token
     decode_blocks(x, k_caches, v_caches, pos, cos, sin, [DecodeBlock], norm_weight) -> (B, d): every
         block and the final RMSNorm, one token, one op
+        DecodePlan: decode_blocks' arguments for a model and a KV cache, read once
+        (try_decode_plan) and used at every step (try_decode_planned)
         DecodeBlock(weights: DecodeWeights, scales: DecodeScales, settings: DecodeSettings) names the
         op's slots (decode_inputs.py); DecodeBlock.from_block(MemoryFormerBlock) reads a block
     backend(name) context manager, set_backend(name), get_backend(): "auto" | "kernels" | "torch"
@@ -29,7 +31,8 @@ The layer dispatches here (memoryformer.core.layer's `_layer` and `_hash`, its o
 `try_memory_layer` and `try_memory_hash` (so a shared hash equals the fused one), which answer None
 where the kernels do not apply; the layer then runs memoryformer.core.reference. MemoryFormerBlock
 decodes through `try_decode_block` (DecodeBlock.from_block reads the block), and LanguageModel's
-one-token step through `try_decode_blocks` (every block and the final norm in one op). This package imports
+one-token step through `try_decode_blocks` (every block and the final norm in one op), or through
+`try_decode_planned` when its KV cache carries a DecodePlan (generate() does). This package imports
 memoryformer.core.reference only, never the layer or the model.
 Switches: MEMORYFORMER_KERNELS=0 (pure path), =force (kernels at every shape), unset/1 ("auto");
 `with kernels.backend("torch"): ...` for one block.
@@ -76,17 +79,19 @@ from memoryformer.kernels._backend import BACKENDS, backend, get_backend, set_ba
 from memoryformer.kernels._loader import last_error, load, loaded
 from memoryformer.kernels.decode_inputs import (
     DecodeBlock,
+    DecodePlan,
     DecodeScales,
     DecodeSettings,
     DecodeWeights,
     any_hooks,
+    global_hooks,
 )
 
 __all__ = [
-    "BACKENDS", "DecodeBlock", "DecodeScales", "DecodeSettings", "DecodeWeights", "any_hooks", "backend",
+    "BACKENDS", "DecodeBlock", "DecodePlan", "DecodeScales", "DecodeSettings", "DecodeWeights", "any_hooks", "backend",
     "decode_block", "decode_blocks",
     "gather_sum", "get_backend", "last_error", "load", "loaded", "memory_hash", "memory_layer", "memory_layer_int8", "memory_layers", "quantize_tables", "set_backend",
-    "supported", "try_decode_block", "try_decode_blocks", "try_memory_hash", "try_memory_layer", "try_memory_layers",
+    "supported", "try_decode_block", "try_decode_blocks", "try_decode_plan", "try_decode_planned", "try_memory_hash", "try_memory_layer", "try_memory_layers",
 ]
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -272,13 +277,25 @@ def decode_blocks(x: Tensor, k_caches: list[Tensor], v_caches: list[Tensor], pos
     if any(b.settings != st for b in blocks[1:]):
         raise ValueError("decode_blocks needs blocks with the same settings; decode them one by one")
     empty = x.new_empty(0)
+    params, scales = _flat_inputs(blocks, empty)
+    return _decode_blocks_op(x, k_caches, v_caches, pos, cos, sin, params, scales,
+                             empty if norm_weight is None else norm_weight, st)
+
+
+def _flat_inputs(blocks: list[DecodeBlock], empty: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """decode_blocks' params and scales lists: every block's slots in turn, `empty` for None; no scales
+    at all when no table is int8."""
     params = [empty if p is None else p for b in blocks for p in b.weights]
     quantized = any(s is not None for b in blocks for s in b.scales)
-    scales = [empty if s is None else s for b in blocks for s in b.scales] if quantized else []
-    return torch.ops.memoryformer.decode_blocks(x, k_caches, v_caches, int(pos), cos, sin, params, scales,
-                                                empty if norm_weight is None else norm_weight, float(st.rms_eps),
-                                                float(st.ln_eps), st.n_heads, st.tau, st.tau2, st.weighting,
-                                                float(st.temperature), st.gelu)
+    return params, [empty if s is None else s for b in blocks for s in b.scales] if quantized else []
+
+
+def _decode_blocks_op(x: Tensor, k_caches: list[Tensor], v_caches: list[Tensor], pos: int, cos: Tensor, sin: Tensor,
+                      params: list[Tensor], scales: list[Tensor], norm_weight: Tensor, st: DecodeSettings) -> Tensor:
+    """The one call of `memoryformer::decode_blocks` (decode_blocks and the planned step both come here)."""
+    return torch.ops.memoryformer.decode_blocks(x, k_caches, v_caches, int(pos), cos, sin, params, scales, norm_weight,
+                                                float(st.rms_eps), float(st.ln_eps), st.n_heads, st.tau, st.tau2,
+                                                st.weighting, float(st.temperature), st.gelu)
 
 
 _TABLE_FIELDS = frozenset(name for name in DecodeWeights._fields if name.endswith("_table"))
@@ -290,15 +307,24 @@ def _decodable(x: Tensor, caches: tuple[Tensor, Tensor], block: DecodeBlock) -> 
     grad = torch.is_grad_enabled()
     if x.dtype != torch.float32 or not x.is_cpu or (grad and x.requires_grad):
         return False
+    ok, needs_grad = _decode_tensors(caches, block)
+    return ok and not (grad and needs_grad)
+
+
+def _decode_tensors(caches: tuple[Tensor, Tensor], block: DecodeBlock) -> tuple[bool, bool]:
+    """(whether the block's tensors and caches have the op's dtypes and device, whether any of them
+    requires grad)."""
     named = [*zip(("k_cache", "v_cache"), caches), *zip(DecodeWeights._fields, block.weights),
              *zip(("scales",) * 5, block.scales)]
+    needs_grad = False
     for name, t in named:
         if t is None:
             continue
         ok_dtype = t.dtype in _TABLE_DTYPES if name in _TABLE_FIELDS else t.dtype == torch.float32
-        if not ok_dtype or not t.is_cpu or (grad and t.requires_grad):
-            return False
-    return True
+        if not ok_dtype or not t.is_cpu:
+            return False, needs_grad
+        needs_grad = needs_grad or t.requires_grad
+    return True, needs_grad
 
 
 def try_decode_block(block: torch.nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor | None:
@@ -325,6 +351,14 @@ def try_decode_blocks(blocks: list[torch.nn.Module], norm: torch.nn.Module, x: T
     or None (nothing written) so that the caller runs block by block, where any block or the norm has
     hooks or does not decode fused (`try_decode_block`'s conditions), or the blocks' settings differ.
     The caller checks that `blocks` are plain MemoryFormerBlocks and `norm` an RMSNorm."""
+    plan = try_decode_plan(blocks, norm, cache)
+    return None if plan is None else try_decode_planned(plan, x, rope, cache)
+
+
+def try_decode_plan(blocks: list[torch.nn.Module], norm: torch.nn.Module, cache) -> DecodePlan | None:
+    """`try_decode_blocks`' reading of the model and its checks, done once: the DecodePlan of `blocks`
+    and `norm` for steps into `cache`, or None where the fused op does not apply (then so does not
+    try_decode_blocks). Reading six blocks costs about as much as a tenth of mf-tiny's decode step."""
     if get_backend() == "torch" or torch.jit.is_scripting() or any_hooks([norm, *blocks]):
         return None
     inputs = []
@@ -333,15 +367,36 @@ def try_decode_blocks(blocks: list[torch.nn.Module], norm: torch.nn.Module, x: T
         if block is None or (inputs and block.settings != inputs[0].settings):
             return None
         inputs.append(block)
-    caches = [(cache.keys[b._modules["attn"].layer], cache.values[b._modules["attn"].layer]) for b in blocks]
+    layers = [b._modules["attn"].layer for b in blocks]
+    k_caches, v_caches = [cache.keys[i] for i in layers], [cache.values[i] for i in layers]
     weight = norm._parameters["weight"]
     if weight is None or norm.eps != inputs[0].settings.rms_eps or weight.dtype != torch.float32 or \
-            not weight.is_cpu or not weight.is_contiguous() or (torch.is_grad_enabled() and weight.requires_grad) or \
-            not all(_decodable(x, c, i) for c, i in zip(caches, inputs)) or not (_loader._state["ok"] or load()):
+            not weight.is_cpu or not weight.is_contiguous():
+        return None
+    needs_grad = weight.requires_grad
+    for caches, block in zip(zip(k_caches, v_caches), inputs):
+        ok, grad = _decode_tensors(caches, block)
+        if not ok:
+            return None
+        needs_grad = needs_grad or grad
+    if not (_loader._state["ok"] or load()):
+        return None
+    params, scales = _flat_inputs(inputs, weight.new_empty(0))
+    return DecodePlan(cache, k_caches, v_caches, params, scales, weight, inputs[0].settings, needs_grad)
+
+
+def try_decode_planned(plan: DecodePlan, x: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor | None:
+    """One fused step with a plan from `try_decode_plan`: x (B, 1, d) at position `cache.length` ->
+    (B, 1, d) normed hidden states; or None (nothing written) where the step must run otherwise: another
+    cache than the plan's, backend "torch", global hooks, gradients needed, or x not float32 on CPU."""
+    if plan.cache is not cache or get_backend() == "torch" or torch.jit.is_scripting() or global_hooks():
+        return None
+    if x.dtype != torch.float32 or not x.is_cpu or \
+            (torch.is_grad_enabled() and (plan.needs_grad or x.requires_grad)):
         return None
     flat = x.reshape(x.shape[0], -1)
-    y = decode_blocks(flat if flat.is_contiguous() else flat.contiguous(), [c[0] for c in caches],
-                      [c[1] for c in caches], cache.length, rope[0], rope[1], inputs, weight)
+    y = _decode_blocks_op(flat if flat.is_contiguous() else flat.contiguous(), plan.k_caches, plan.v_caches,
+                          cache.length, rope[0], rope[1], plan.params, plan.scales, plan.norm_weight, plan.settings)
     return y.view_as(x)
 
 

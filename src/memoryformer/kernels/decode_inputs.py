@@ -3,7 +3,8 @@
 DecodeWeights and DecodeScales are the op's tensor lists in its slot order (the C++ enums DecodeSlot and
 ScaleSlot of decode_kernels.cpp mirror them; tests/test_decode_kernel.py compares the two), DecodeSettings
 its scalars, and `DecodeBlock.from_block` reads them from a MemoryFormerBlock together with the checks
-that the op computes that block. This module imports only torch (memoryformer.kernels and its
+that the op computes that block; DecodePlan is `decode_blocks`' arguments for a whole model and one
+KV cache, read once for many steps. This module imports only torch (memoryformer.kernels and its
 registration code both read it).
 """
 
@@ -95,13 +96,34 @@ class DecodeBlock(NamedTuple):
         return cls(weights, DecodeScales(sq, sk, sv, s1, s2), settings)
 
 
+class DecodePlan(NamedTuple):
+    """The arguments of `decode_blocks` that stay fixed while a model decodes into one KV cache, read
+    once (`kernels.try_decode_plan`) instead of at every step. It holds the model's parameter tensors
+    themselves, so in-place updates are seen; replaced modules or parameters, new hooks on submodules
+    or changed dtypes are not (build a new plan)."""
+
+    cache: object  # the KVCache it was built for (its per-layer tensors are below)
+    k_caches: list[Tensor]  # one (B, H, max_len, Dh) per block, in block order
+    v_caches: list[Tensor]
+    params: list[Tensor]  # every block's DecodeWeights in turn, an empty tensor for None
+    scales: list[Tensor]  # every block's DecodeScales in turn, or [] when no table is int8
+    norm_weight: Tensor  # (d,) the final RMSNorm's weight
+    settings: DecodeSettings  # shared by every block
+    needs_grad: bool  # some parameter requires grad (then the op declines under grad mode)
+
+
+def global_hooks() -> bool:
+    """Whether global module hooks are installed (those of FlopCounterMode and some profilers)."""
+    from torch.nn.modules import module as hooks
+
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
 def any_hooks(modules: Iterable[torch.nn.Module]) -> bool:
     """Whether calling any of `modules` would run code that a fused op computing them would skip: hooks
     (their own or global ones, e.g. FlopCounterMode's) or a forward replaced on the instance."""
-    from torch.nn.modules import module as hooks
-
-    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-            or hooks._global_backward_pre_hooks):
+    if global_hooks():
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                or "forward" in m.__dict__ for m in modules)
