@@ -19,7 +19,7 @@ Cases, each timed in the same process with the two models alternating (medians o
 a step reads (decode_bytes: table rows or block weights, KV cache, norms and biases, the head when
 included), the achieved GB/s, and MemoryFormer's byte bound: its table rows at the random-row read
 bandwidth and the rest at the streaming bandwidth, both measured in the same run (docs/performance.md).
-Peak memory (RSS) of decode and of a training step is measured per model in a fresh subprocess. Writes
+Peak memory (RSS) of decode and of a training step is measured first, per model in a fresh subprocess. Writes
 benchmarks/results/model_<pair>_<dtype>.json/.md.
 """
 
@@ -422,6 +422,10 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     if args.memory_only:
         return update_memory(args, mf_name, dense_name)
+    # peak memory first, in fresh subprocesses, while this process is small: after its training steps it
+    # keeps their freed memory for reuse (memoryformer.allocator), 18 GB at mf-tiny, and a 10 GB child then
+    # ran a 24 GB machine out of memory
+    memory = {} if args.skip_memory else measure_memory(mf_name, dense_name, args.dtype)
     huge = not args.no_huge_pages and huge_pages_available()
     models = {"memoryformer": build(mf_name, dtype, huge_pages=huge), "dense": build(dense_name, dtype, huge_pages=huge)}
     configs = {k: m.config for k, m in models.items()}
@@ -442,10 +446,6 @@ def main() -> None:
         r = rows[-1]
         print(f"{case.name[:40]:<40} {str(case.head):>5} {r['mf_ms']:>9.3f} {r['dense_ms']:>9.3f} {r['ratio']:>6.2f} "
               f"{r.get('mf_over_bound', float('nan')):>8.2f}", flush=True)
-    memory = {}
-    if not args.skip_memory:
-        del models, cases
-        memory = measure_memory(mf_name, dense_name, args.dtype)
     write(args, rows, memory, huge, bw)
 
 
