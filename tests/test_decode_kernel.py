@@ -477,35 +477,73 @@ def test_planned_steps_equal_unplanned_ones_and_see_in_place_updates(built, monk
 
 
 def test_a_plan_declines_where_its_step_must_run_otherwise(built, monkeypatch):
-    """Another cache, the torch backend, global hooks (FlopCounterMode) or gradients: the step runs
-    unplanned (and right); a Pythia model has no plan."""
+    """Another cache, the torch backend, global hooks (FlopCounterMode): the step runs unplanned; a
+    Pythia model has no plan."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = _config()
     torch.manual_seed(13)
     model = LanguageModel(cfg).eval()
-    reference = copy.deepcopy(model).double()
     idx = torch.randint(0, cfg.vocab_size, (1, 6))
     cache, other = model.new_cache(1, 6), model.new_cache(1, 6)
     plan = model.decode_plan(cache)
+    blocks = list(model.blocks)
     x = model.embed(idx[:, :1])
     rope = tuple(t[:1] for t in model._rotary_tables(x.device, x.dtype, 1))
     with torch.no_grad():
-        assert kernels.try_decode_planned(plan, x, rope, other) is None
+        assert kernels.try_decode_planned(plan, blocks, model.norm, x, rope, cache) is not None
+        assert kernels.try_decode_planned(plan, blocks, model.norm, x, rope, other) is None
+        assert kernels.try_decode_planned(plan, blocks[::-1], model.norm, x, rope, cache) is None
         with kernels.backend("torch"):
-            assert kernels.try_decode_planned(plan, x, rope, cache) is None
+            assert kernels.try_decode_planned(plan, blocks, model.norm, x, rope, cache) is None
         with FlopCounterMode(display=False):
-            assert kernels.try_decode_planned(plan, x, rope, cache) is None
-    assert kernels.try_decode_planned(plan, x, rope, cache) is None  # grad mode, parameters require grad
-    cache.decode_plan = plan
-    with torch.no_grad():
-        model(idx[:, :5], cache=cache)
-        with kernels.backend("torch"):
-            reference(idx[:, :5], cache=(ref_cache := reference.new_cache(1, 6)))
-            want, _ = reference(idx[:, 5:], cache=ref_cache)
-    got, _ = model(idx[:, 5:], cache=cache)  # grad mode: the eager blocks
-    assert got.requires_grad
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+            assert kernels.try_decode_planned(plan, blocks, model.norm, x, rope, cache) is None
     dense = LanguageModel(ModelConfig(architecture="pythia", vocab_size=97, n_layers=2, d_model=32, n_heads=4,
                                       max_seq_len=40))
     assert dense.decode_plan(dense.new_cache(1, 4)) is None
+
+
+def test_a_plan_sees_gradients_turned_on_after_it_was_made(built):
+    """Parameters frozen when the plan is made, then unfrozen: the step runs eagerly and the tables get
+    their gradients (a flag recorded with the plan would have kept the op and lost them)."""
+    cfg = _config()
+    torch.manual_seed(14)
+    model = LanguageModel(cfg).requires_grad_(False)
+    idx = torch.randint(0, cfg.vocab_size, (2, 5))
+    cache = model.new_cache(2, 5)
+    cache.decode_plan = model.decode_plan(cache)
+    with torch.no_grad():
+        model(idx[:, :4], cache=cache)
+    model.blocks.requires_grad_(True)  # the embedding stays frozen, so the step's input needs no grad
+    model.hidden_states(idx[:, 4:], cache=cache).sum().backward()
+    assert all(b.mlp.ml2.table.grad is not None and b.mlp.ml2.table.grad.abs().sum() > 0 for b in model.blocks)
+
+
+def test_a_plan_belongs_to_its_model_and_cache(built):
+    """A cache whose plan came from another model (a quantized copy) decodes that model's own way; a
+    copy of a cache carries no plan; the plan does not keep its cache alive."""
+    import gc
+    import weakref
+
+    from memoryformer.inference.quantize import quantize_model
+
+    cfg = _config()
+    torch.manual_seed(15)
+    model = LanguageModel(cfg).eval()
+    _randomise(model, seed=16)
+    quantized = quantize_model(model, tables="int8")
+    idx = torch.randint(0, cfg.vocab_size, (1, 6))
+    cache, plain = model.new_cache(1, 6), quantized.new_cache(1, 6)
+    cache.decode_plan = model.decode_plan(cache)
+    with torch.no_grad():
+        got = [quantized(idx[:, :5], cache=cache)[0], quantized(idx[:, 5:], cache=cache)[0]]
+        want = [quantized(idx[:, :5], cache=plain)[0], quantized(idx[:, 5:], cache=plain)[0]]
+    assert torch.equal(got[1], want[1])
+    assert copy.deepcopy(cache).decode_plan is None
+    ref = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert ref() is None  # no reference cycle through the plan: freed at once
+    finally:
+        gc.enable()

@@ -93,6 +93,10 @@ class KVCache:
         self.length = 0
         self.decode_plan: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (copy.deepcopy, pickle) carries no decode plan: the plan holds the model's own tensors."""
+        return {**self.__dict__, "decode_plan": None}
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (batch, heads, T, head_dim) after the cached positions; return all so far."""
         start, end = self.length, self.length + k.shape[2]
@@ -349,11 +353,10 @@ class LanguageModel(nn.Module):
             # one fused C++ op for every block and the final norm (memoryformer.kernels), where it applies;
             # with the cache's plan (decode_plan) the model is not read again
             plan = getattr(cache, "decode_plan", None)
-            if plan is not None:
-                fused = _kernels.try_decode_planned(plan, x, rope, cache)
-            else:
-                fused = _kernels.try_decode_blocks(list(self.blocks), self.norm, x, rope, cache) \
-                    if self._decodes_fused() else None
+            fused = None if plan is None else _kernels.try_decode_planned(plan, list(self.blocks), self.norm, x,
+                                                                          rope, cache)
+            if fused is None and self._decodes_fused():
+                fused = _kernels.try_decode_blocks(list(self.blocks), self.norm, x, rope, cache)
             if fused is not None:
                 cache.length += T
                 return fused

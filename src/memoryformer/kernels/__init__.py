@@ -70,6 +70,8 @@ Performance advice (2-core Zen 3 measurements, see the report in the repository 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -352,7 +354,7 @@ def try_decode_blocks(blocks: list[torch.nn.Module], norm: torch.nn.Module, x: T
     hooks or does not decode fused (`try_decode_block`'s conditions), or the blocks' settings differ.
     The caller checks that `blocks` are plain MemoryFormerBlocks and `norm` an RMSNorm."""
     plan = try_decode_plan(blocks, norm, cache)
-    return None if plan is None else try_decode_planned(plan, x, rope, cache)
+    return None if plan is None else try_decode_planned(plan, blocks, norm, x, rope, cache)
 
 
 def try_decode_plan(blocks: list[torch.nn.Module], norm: torch.nn.Module, cache) -> DecodePlan | None:
@@ -367,36 +369,39 @@ def try_decode_plan(blocks: list[torch.nn.Module], norm: torch.nn.Module, cache)
         if block is None or (inputs and block.settings != inputs[0].settings):
             return None
         inputs.append(block)
-    layers = [b._modules["attn"].layer for b in blocks]
-    k_caches, v_caches = [cache.keys[i] for i in layers], [cache.values[i] for i in layers]
+    layers = tuple(b._modules["attn"].layer for b in blocks)
     weight = norm._parameters["weight"]
     if weight is None or norm.eps != inputs[0].settings.rms_eps or weight.dtype != torch.float32 or \
             not weight.is_cpu or not weight.is_contiguous():
         return None
-    needs_grad = weight.requires_grad
-    for caches, block in zip(zip(k_caches, v_caches), inputs):
-        ok, grad = _decode_tensors(caches, block)
-        if not ok:
-            return None
-        needs_grad = needs_grad or grad
+    if not all(_decode_tensors((cache.keys[i], cache.values[i]), block)[0] for i, block in zip(layers, inputs)):
+        return None
     if not (_loader._state["ok"] or load()):
         return None
     params, scales = _flat_inputs(inputs, weight.new_empty(0))
-    return DecodePlan(cache, k_caches, v_caches, params, scales, weight, inputs[0].settings, needs_grad)
+    return DecodePlan(weakref.ref(cache), (*blocks, norm), layers, params, scales, weight, inputs[0].settings)
 
 
-def try_decode_planned(plan: DecodePlan, x: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor | None:
-    """One fused step with a plan from `try_decode_plan`: x (B, 1, d) at position `cache.length` ->
-    (B, 1, d) normed hidden states; or None (nothing written) where the step must run otherwise: another
-    cache than the plan's, backend "torch", global hooks, gradients needed, or x not float32 on CPU."""
-    if plan.cache is not cache or get_backend() == "torch" or torch.jit.is_scripting() or global_hooks():
+def try_decode_planned(plan: DecodePlan, blocks: list[torch.nn.Module], norm: torch.nn.Module, x: Tensor,
+                       rope: tuple[Tensor, Tensor], cache) -> Tensor | None:
+    """One fused step of `blocks` and `norm` with their plan from `try_decode_plan`: x (B, 1, d) at
+    position `cache.length` -> (B, 1, d) normed hidden states; or None (nothing written) where the step
+    must run otherwise: a plan of other modules or for another cache, backend "torch", global hooks,
+    gradients needed, or x not float32 on CPU."""
+    if plan.cache() is not cache or get_backend() == "torch" or torch.jit.is_scripting() or global_hooks():
         return None
-    if x.dtype != torch.float32 or not x.is_cpu or \
-            (torch.is_grad_enabled() and (plan.needs_grad or x.requires_grad)):
+    modules = plan.modules
+    if len(modules) != len(blocks) + 1 or modules[-1] is not norm or any(a is not b for a, b in zip(modules, blocks)):
+        return None
+    if x.dtype != torch.float32 or not x.is_cpu:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or plan.norm_weight.requires_grad
+                                    or any(p.requires_grad for p in plan.params)):
         return None
     flat = x.reshape(x.shape[0], -1)
-    y = _decode_blocks_op(flat if flat.is_contiguous() else flat.contiguous(), plan.k_caches, plan.v_caches,
-                          cache.length, rope[0], rope[1], plan.params, plan.scales, plan.norm_weight, plan.settings)
+    y = _decode_blocks_op(flat if flat.is_contiguous() else flat.contiguous(), [cache.keys[i] for i in plan.layers],
+                          [cache.values[i] for i in plan.layers], cache.length, rope[0], rope[1], plan.params,
+                          plan.scales, plan.norm_weight, plan.settings)
     return y.view_as(x)
 
 

@@ -10,6 +10,7 @@ registration code both read it).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -102,14 +103,13 @@ class DecodePlan(NamedTuple):
     themselves, so in-place updates are seen; replaced modules or parameters, new hooks on submodules
     or changed dtypes are not (build a new plan)."""
 
-    cache: object  # the KVCache it was built for (its per-layer tensors are below)
-    k_caches: list[Tensor]  # one (B, H, max_len, Dh) per block, in block order
-    v_caches: list[Tensor]
+    cache: weakref.ref  # the KVCache it was built for (weak: the cache holds its plan)
+    modules: tuple[torch.nn.Module, ...]  # the blocks, then the final norm: the model it was read from
+    layers: tuple[int, ...]  # each block's layer index into the cache's keys and values
     params: list[Tensor]  # every block's DecodeWeights in turn, an empty tensor for None
     scales: list[Tensor]  # every block's DecodeScales in turn, or [] when no table is int8
     norm_weight: Tensor  # (d,) the final RMSNorm's weight
     settings: DecodeSettings  # shared by every block
-    needs_grad: bool  # some parameter requires grad (then the op declines under grad mode)
 
 
 def global_hooks() -> bool:
