@@ -1078,11 +1078,10 @@ class LanguageModel(nn.Module):
         if cache is not None and T == 1:
             # one fused C++ op for every block and the final norm (memoryformer.kernels), where it applies;
             # with the cache's plan (decode_plan) the model is not read again
-            plan = getattr(cache, "decode_plan", None)
-            fused = None if plan is None else _kernels.try_decode_planned(plan, list(self.blocks), self.norm, x,
-                                                                          rope, cache)
+            plan, blocks = getattr(cache, "decode_plan", None), list(self.blocks)
+            fused = None if plan is None else _kernels.try_decode_planned(plan, blocks, self.norm, x, rope, cache)
             if fused is None and self._decodes_fused():
-                fused = _kernels.try_decode_blocks(list(self.blocks), self.norm, x, rope, cache)
+                fused = _kernels.try_decode_blocks(blocks, self.norm, x, rope, cache)
             if fused is not None:
                 cache.length += T
                 return fused
@@ -1096,7 +1095,7 @@ class LanguageModel(nn.Module):
         """The fused decode op's reading of this model for one-token steps into `cache`
         (memoryformer.kernels.DecodePlan), or None where the op does not apply (a Pythia model, hooks,
         other dtypes, kernels not built). Set `cache.decode_plan` to it, as generate() does, and each
-        step skips re-reading the blocks: about a tenth of mf-tiny's decode step on a 2-core CPU.
+        step skips re-reading the blocks: a quarter or more of mf-tiny's decode step on a 2-core CPU.
         While the cache carries it, do not replace modules or parameters, add hooks to submodules or
         change dtypes (in-place updates of parameters are fine); set `cache.decode_plan = None` first."""
         if not self._decodes_fused():

@@ -360,7 +360,8 @@ def try_decode_blocks(blocks: list[torch.nn.Module], norm: torch.nn.Module, x: T
 def try_decode_plan(blocks: list[torch.nn.Module], norm: torch.nn.Module, cache) -> DecodePlan | None:
     """`try_decode_blocks`' reading of the model and its checks, done once: the DecodePlan of `blocks`
     and `norm` for steps into `cache`, or None where the fused op does not apply (then so does not
-    try_decode_blocks). Reading six blocks costs about as much as a tenth of mf-tiny's decode step."""
+    try_decode_blocks). Reading six blocks each step cost a quarter or more of mf-tiny's decode step
+    (docs/performance.md)."""
     if get_backend() == "torch" or torch.jit.is_scripting() or any_hooks([norm, *blocks]):
         return None
     inputs = []
