@@ -43,6 +43,7 @@ from common import configure_allocator, time_interleaved, write_results  # noqa:
 from memoryformer import LanguageModel, ModelConfig  # noqa: E402
 from memoryformer.inference.pages import huge_page_tensor, huge_pages_available, use_huge_pages  # noqa: E402
 from memoryformer.inference.quantize import quantize_model  # noqa: E402
+from memoryformer.kernels.grad_norms import GradNormTally  # noqa: E402
 from memoryformer.train.config import TrainConfig  # noqa: E402
 from memoryformer.train.optim import build_optimizer, clip_gradients, fused_adamw_supported  # noqa: E402
 
@@ -106,8 +107,9 @@ def prefill_fn(model: LanguageModel, tokens: int, head: bool):
 
 def train_fn(model: LanguageModel, batch: int, tokens: int):
     """One training step as the training loop (memoryformer.train.loop) takes it, on random tokens
-    (batch, tokens): forward with cross-entropy, backward, clip_gradients at TrainConfig's grad_clip,
-    AdamW from build_optimizer (fused where fused_adamw_supported), zero_grad."""
+    (batch, tokens): forward with cross-entropy, backward (collecting the kernels' table-gradient norms),
+    clip_gradients at TrainConfig's grad_clip with those norms, AdamW from build_optimizer (fused where
+    fused_adamw_supported), zero_grad."""
     model.train()
     device = next(model.parameters()).device
     tc = TrainConfig()
@@ -117,9 +119,10 @@ def train_fn(model: LanguageModel, batch: int, tokens: int):
     targets = torch.randint(0, model.config.vocab_size, (batch, tokens))
 
     def step():
-        _, loss = model(idx, targets)
-        loss.backward()
-        clip_gradients(params, tc.grad_clip, sharded=False)
+        with GradNormTally() as tally:
+            _, loss = model(idx, targets)
+            loss.backward()
+        clip_gradients(params, tc.grad_clip, sharded=False, tally=tally)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -468,7 +471,7 @@ def write(args, rows: list[dict], memory: dict[str, float], huge: bool, bw: Band
              "Parameters of both models on 2 MiB pages (memoryformer.inference.pages.use_huge_pages)." if huge else
              "Parameters on 4 KiB pages (--no-huge-pages or no THP).",
              "MemoryFormer decode runs the fused decode_block op (memoryformer.kernels) when the kernels are built.",
-             "Training steps: the training loop's (clip_gradients, build_optimizer's AdamW, fused where supported). "
+             "Training steps: the training loop's (clip_gradients with the kernels' table-gradient norms, build_optimizer's AdamW, fused where supported). "
              f"{STUDY_CASE}: {mf_name} and {dense_name} at d 128, 2 layers, 4 heads, vocabulary 4096 "
              f"({params['study memoryformer'] / 1e6:.1f}M and {params['study dense'] / 1e6:.1f}M parameters).",
              "Bytes (decode at batch 1, decode_bytes in benchmarks/model.py; docs/performance.md): what a step reads. "

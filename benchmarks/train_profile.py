@@ -4,7 +4,8 @@
 
 Pairs: `study` is the scaling study's size (d 128, 2 layers, 4 heads, vocab 4096, batch 8 x 128); `tiny`
 is mf-tiny against pythia-70m at batch 4 x 512. Each step is the training loop's (forward, cross-entropy,
-backward, gradient clipping, AdamW, zero_grad), timed phase by phase with wall clocks (medians over
+backward, gradient clipping with the table-gradient norms the backward kernels summed, AdamW,
+zero_grad), timed phase by phase with wall clocks (medians over
 steps), then once under torch.profiler for the ops (self CPU time, top 12 per model). "python & other" is
 a phase's wall time minus the self time of the ops it ran.
 
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import configure_allocator, write_results  # noqa: E402
 
+from memoryformer.kernels.grad_norms import GradNormTally  # noqa: E402
 from memoryformer.train.optim import clip_gradients  # noqa: E402
 
 FUSED = True
@@ -69,11 +71,12 @@ def step_phases(model, optimizer, idx, targets, clock: dict[str, list[float]], p
         clock[name].append(time.perf_counter() - t0)
         return out
 
-    hidden = phase("blocks forward", lambda: model.hidden_states(idx))
-    loss = phase("head + loss forward", lambda: F.cross_entropy(
-        model.head(hidden).float().flatten(0, 1), targets.flatten()))
-    phase("backward", loss.backward)
-    phase("grad clip", lambda: clip_gradients([p for p in model.parameters()], 1.0, sharded=False))
+    with GradNormTally() as tally:  # as the training loop: the kernels sum the table-gradient norms
+        hidden = phase("blocks forward", lambda: model.hidden_states(idx))
+        loss = phase("head + loss forward", lambda: F.cross_entropy(
+            model.head(hidden).float().flatten(0, 1), targets.flatten()))
+        phase("backward", loss.backward)
+    phase("grad clip", lambda: clip_gradients(list(model.parameters()), 1.0, sharded=False, tally=tally))
     phase("optimizer", optimizer.step)
     phase("zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
 

@@ -240,8 +240,34 @@ def test_results_do_not_depend_on_thread_count(built):
 
 def ops_backward(x, table):
     g = torch.ones(x.shape[0], table.shape[1])
-    gx, gts = torch.ops.memoryformer.memory_layer_backward([g], x, [table], 8, "prob", 1.0, True, True)
+    gx, gts, _ = torch.ops.memoryformer.memory_layer_backward([g], x, [table], 8, "prob", 1.0, True, True)
     return gx, gts[0]
+
+
+@pytest.mark.parametrize("n,k,tau,out", [(0, 3, 8, 24), (3, 3, 4, 33), (300, 8, 8, 72), (2048, 4, 8, 40)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_sums_table_gradient_squares(built, n, k, tau, out, threads):
+    """memory_layer_backward's third output: each fp32 table gradient's squared 2-norm, as written
+    (vector columns and the scalar tail), at one and two threads; -1 for a bf16 table; none without
+    table gradients."""
+    torch.manual_seed(n + k)
+    x = torch.randn(n, k * tau)
+    tables = [torch.randn(k << tau, out), torch.randn(k << tau, out + 5)]
+    grads = [torch.randn(n, out), torch.randn(n, out + 5)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _, gtables, sq = ops.memory_layer_backward(grads, x, tables, tau, "prob", 1.0, True, True)
+    finally:
+        torch.set_num_threads(old)
+    assert sq.dtype == torch.float64 and sq.shape == (2,)
+    for g, s in zip(gtables, sq):
+        expected = g.double().pow(2).sum()
+        torch.testing.assert_close(s, expected, rtol=1e-6, atol=1e-12)
+    _, _, sq_bf16 = ops.memory_layer_backward(grads, x, [t.bfloat16() for t in tables], tau, "prob", 1.0, True, True)
+    assert sq_bf16.tolist() == ([-1.0, -1.0] if n else [0.0, 0.0])
+    _, _, none = ops.memory_layer_backward(grads, x, tables, tau, "prob", 1.0, True, False)
+    assert none.numel() == 0
 
 
 def test_opcheck_all_ops(built):

@@ -391,3 +391,22 @@ def test_training_uses_fused_adamw_on_cpu(data_dir, tmp_path, monkeypatch):
     train(tiny_model(), tiny_train(max_steps=2), data_dir, tmp_path / "run", progress=False)
     assert fused_adamw_supported(torch.device("cpu")) == (tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4))
     assert built[0].defaults["fused"] is (True if fused_adamw_supported(torch.device("cpu")) else None)
+
+
+def test_training_step_takes_table_norms_from_the_backward(built, data_dir, tmp_path, monkeypatch):
+    """The loop collects the kernels' table-gradient norms and clips with them (clip_and_step)."""
+    from memoryformer import kernels
+    from memoryformer.kernels.grad_norms import GradNormTally
+
+    answers = []
+    real = GradNormTally.sqnorm
+
+    def spy(self, param):
+        answers.append(real(self, param))
+        return answers[-1]
+
+    monkeypatch.setattr(GradNormTally, "sqnorm", spy)
+    with kernels.backend("kernels"):
+        train(tiny_model(), tiny_train(max_steps=2), data_dir, tmp_path / "run", progress=False)
+    tables = sum(n.endswith(".table") for n, _ in LanguageModel(tiny_model()).named_parameters())
+    assert sum(a is not None for a in answers) == 2 * tables

@@ -59,7 +59,9 @@ Algorithms (forward; the summation order is the same in all, so results are bitw
     N >= 1024: bucket-major: entries sorted by table row (counting sort), each row's column slice
     loaded once and added into an (N, cb) float tile that stays in cache.
 Backward: bucket-major; each table-gradient row is accumulated in registers and written once
-(non-temporal stores), the per-entry weight gradient <grad_out[n], table[row]> in the same pass.
+(non-temporal stores), the per-entry weight gradient <grad_out[n], table[row]> in the same pass, and
+the squared norm of every fp32 table gradient summed as it is written (float64), which the training
+loop's gradient clipping reads instead of the gradients (grad_norms.py: GradNormTally).
 
 Performance advice (2-core Zen 3 measurements, see the report in the repository history):
     THP_MEM_ALLOC_ENABLE=1 (PyTorch allocator: 2 MiB pages for large tensors) made the large-N

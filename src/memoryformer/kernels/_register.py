@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memoryformer.kernels import grad_norms
+
 _done = False
 
 
@@ -22,7 +24,8 @@ def _fake_memory_layer(x, tables, biases, tau, weighting, temperature):
 
 
 def _fake_memory_layer_backward(grads, x, tables, tau, weighting, temperature, need_x, need_tables):
-    return _empty_like_flag(need_x, x), [_empty_like_flag(need_tables, t) for t in tables]
+    sqnorms = x.new_empty((len(tables) if need_tables else 0,), dtype=torch.float64)
+    return _empty_like_flag(need_x, x), [_empty_like_flag(need_tables, t) for t in tables], sqnorms
 
 
 def _fake_memory_layer_q8(x, qtable, scales, bias, tau, weighting, temperature):
@@ -77,9 +80,13 @@ def _ml_backward(ctx, grads):
         g if g is not None else torch.zeros((x.shape[0], t.shape[1]), dtype=t.dtype)
         for g, t in zip(grads, tables)
     ]
-    gx, gtables = torch.ops.memoryformer.memory_layer_backward(
+    gx, gtables, sqnorms = torch.ops.memoryformer.memory_layer_backward(
         grads, x, tables, *ctx.hash_args, need_x, any(need_t)
     )
+    if grad_norms.active() and sqnorms.numel():
+        for table, grad, sqnorm, need in zip(tables, gtables, sqnorms.tolist(), need_t):
+            if need:
+                grad_norms.record(table, grad, sqnorm)
     gbiases = [
         (g.sum(0, dtype=torch.float32).to(dt) if has else torch.zeros(shape, dtype=dt)) if need else None
         for (has, dt, shape), need, g in zip(ctx.bias_meta, need_b, grads)

@@ -212,7 +212,7 @@ static void fwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, cons
 // the same cache sets, since rows are d*4 bytes apart).
 template <int NV, typename TT>
 static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const float* gt, int64_t ld,
-                                    int64_t r0, int64_t r1, int64_t c, TT* gT, float* gw) {
+                                    int64_t r0, int64_t r1, int64_t c, TT* gT, float* gw, double* sq) {
   const int64_t d = T.d, pd = g_opt.row_prefetch, loc = g_opt.pf_loc;
   const bool nts = g_opt.nt_store != 0;
   const int32_t* start = csr.start.data();
@@ -253,6 +253,11 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
         for (int v = 0; v < NV; ++v) vstore_nt(gT + r * d + c + VW * v, acc[v]);
       else
         for (int v = 0; v < NV; ++v) vstore(gT + r * d + c + VW * v, acc[v]);
+      if (sq && p0 < p1) {  // the squared norm of what was just written, while it is in registers
+        vf s = acc[0] * acc[0];
+        for (int v = 1; v < NV; ++v) s += acc[v] * acc[v];
+        *sq += hsum(s);
+      }
     }
   }
 }
@@ -260,7 +265,7 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
 // Scalar tail columns [c0, d) of the backward (g: full (N, d) grad).
 template <typename TT>
 static void bucket_bwd_scalar(const CSR& csr, const Table<TT>& T, const float* g, int64_t r0,
-                              int64_t r1, int64_t c0, TT* gT, float* gw) {
+                              int64_t r1, int64_t c0, TT* gT, float* gw, double* sq) {
   const int64_t d = T.d;
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t p0 = csr.start[r], p1 = csr.start[r + 1];
@@ -273,14 +278,18 @@ static void bucket_bwd_scalar(const CSR& csr, const Table<TT>& T, const float* g
         if (gw) gw[csr.slot[p]] += gv * tv;
       }
       if (gT) sstore(gT + r * d + c, acc);
+      if (gT && sq) *sq += static_cast<double>(acc) * acc;
     }
   }
 }
 
 // gT (R, d) (optional) and gw += partial dots (optional); parallel over row ranges of equal work.
+// sq (optional, fp32 gT only): set to gT's squared 2-norm, summed as the rows are written (each
+// thread in double over its row range, then the threads in order), so that gradient clipping need
+// not read gT again.
 template <typename TT>
 static void bwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, const float* g, TT* gT,
-                             float* gw) {
+                             float* gw, double* sq = nullptr) {
   const int64_t R = T.R, d = T.d;
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> bnd(static_cast<size_t>(nt + 1), R);
@@ -293,29 +302,35 @@ static void bwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, cons
   }
   const int64_t cb = bucket_cb(N, g_opt.tile_bytes_bwd);
   const int64_t cv = (d / VW) * VW;
+  std::vector<double> sq_part(static_cast<size_t>(nt), 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     AlignedFloats tilebuf(N * cb);
     float* tile = tilebuf.p;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = bnd[t], r1 = bnd[t + 1];
       if (r0 >= r1) continue;
+      double* tsq = (sq && gT) ? &sq_part[static_cast<size_t>(t)] : nullptr;
       for (int64_t c = 0; c < cv; c += cb) {
         const int64_t w = std::min(cb, cv - c);
         for (int64_t n = 0; n < N; ++n)
           for (int64_t i = 0; i < w; i += VW) vstore(tile + n * cb + i, vload(g + n * d + c + i));
         for (int64_t off = 0; off < w;) {  // w/VW vectors as blocks of 4, 2, 1 vectors
           const int64_t nv = (w - off) / VW;
-          if (nv >= 4) bucket_bwd_block<4>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw), off += 4 * VW;
-          else if (nv >= 2) bucket_bwd_block<2>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw), off += 2 * VW;
-          else bucket_bwd_block<1>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw), off += VW;
+          if (nv >= 4) bucket_bwd_block<4>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw, tsq), off += 4 * VW;
+          else if (nv >= 2) bucket_bwd_block<2>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw, tsq), off += 2 * VW;
+          else bucket_bwd_block<1>(csr, T, tile + off, cb, r0, r1, c + off, gT, gw, tsq), off += VW;
         }
       }
-      if (cv < d) bucket_bwd_scalar(csr, T, g, r0, r1, cv, gT, gw);
+      if (cv < d) bucket_bwd_scalar(csr, T, g, r0, r1, cv, gT, gw, tsq);
     }
 #if defined(__AVX__) || defined(__AVX512F__)
     _mm_sfence();  // order the non-temporal stores before the result is used
 #endif
   });
+  if (sq) {
+    *sq = 0.0;
+    for (const double v : sq_part) *sq += v;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -504,8 +519,9 @@ at::Tensor memory_layer_q8(const at::Tensor& x_, const at::Tensor& qtable_, cons
   return out;
 }
 
-// Backward of memory_layer: grad_x (or empty) and one grad per table (or empty).
-std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
+// Backward of memory_layer: grad_x (or empty), one grad per table (or empty), and (tables,) float64
+// squared 2-norms of the fp32 table grads as written (-1 for a bf16 table; empty without them).
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> memory_layer_backward(
     at::TensorList grads, const at::Tensor& x_, at::TensorList tables, int64_t tau,
     c10::string_view weighting, double temperature, bool need_x, bool need_tables) {
   check_x(x_);
@@ -524,9 +540,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
     else gtables.push_back(at::empty({0}, tables[i].options()));
   }
   at::Tensor gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor sqnorms = at::full({need_tables ? static_cast<int64_t>(tables.size()) : 0}, -1.0,
+                                x.options().dtype(at::kDouble));
   if (N == 0) {
     for (auto& g : gtables) g.zero_();
-    return {gx, gtables};
+    if (need_tables) sqnorms.zero_();
+    return {gx, gtables, sqnorms};
   }
   const Hashed hd(x, hs, N, R, true);
   const std::vector<int32_t>& rows = hd.rows;
@@ -540,7 +559,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
     float* gwp = need_x ? gwT.data() : nullptr;
     if (t.scalar_type() == at::kFloat) {
       Table<float> T{t.data_ptr<float>(), nullptr, R, t.size(1)};
-      bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<float>() : nullptr, gwp);
+      bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<float>() : nullptr, gwp,
+                       need_tables ? sqnorms.data_ptr<double>() + i : nullptr);
     } else {
       Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, t.size(1)};
       bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<bf16>() : nullptr, gwp);
@@ -560,7 +580,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> memory_layer_backward(
       });
     });
   }
-  return {gx, gtables};
+  return {gx, gtables, sqnorms};
 }
 
 // rows (N, K) int64/int32 -> validated int32 copy.
@@ -713,7 +733,7 @@ TORCH_LIBRARY(memoryformer, m) {
   m.def("memory_layer(Tensor x, Tensor[] tables, Tensor[] biases, int tau, str weighting, "
         "float temperature) -> Tensor[]");
   m.def("memory_layer_backward(Tensor[] grads, Tensor x, Tensor[] tables, int tau, str weighting, "
-        "float temperature, bool need_x, bool need_tables) -> (Tensor, Tensor[])");
+        "float temperature, bool need_x, bool need_tables) -> (Tensor, Tensor[], Tensor)");
   m.def("memory_layer_q8(Tensor x, Tensor qtable, Tensor scales, Tensor? bias, int tau, str weighting, "
         "float temperature) -> Tensor");
   m.def("gather_sum(Tensor rows, Tensor weights, Tensor table, Tensor? bias) -> Tensor");

@@ -26,6 +26,7 @@ from torch import nn
 from memoryformer.convert.distill import distillation_loss, teacher_logits
 from memoryformer.core.config import ModelConfig
 from memoryformer.data.fingerprint import data_fingerprint, fingerprint_mismatch
+from memoryformer.kernels.grad_norms import GradNormTally
 from memoryformer.progress import Progress
 from memoryformer.train import checkpoint as ckpt
 from memoryformer.train import distributed as D
@@ -268,22 +269,23 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches (losses stay on the device until logged)."""
         tc, model, scaler = self.tc, self.train_model, self.scaler
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(tc.grad_accum):
-            x, y = self.sampler.next_batch(self.device)
-            with D.gradient_sync(model, micro == tc.grad_accum - 1):
-                with autocast(self.device, self.precision):
-                    logits, loss = model(x, y)
-                    if self.teacher is not None:
-                        loss = distillation_loss(logits, teacher_logits(self.teacher, x), y,
-                                                 alpha=tc.distill_alpha, temperature=tc.distill_temperature)
-                scaled = loss / tc.grad_accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
+        with GradNormTally() as tally:  # table-gradient norms summed by the backward kernels
+            for micro in range(tc.grad_accum):
+                x, y = self.sampler.next_batch(self.device)
+                with D.gradient_sync(model, micro == tc.grad_accum - 1):
+                    with autocast(self.device, self.precision):
+                        logits, loss = model(x, y)
+                        if self.teacher is not None:
+                            loss = distillation_loss(logits, teacher_logits(self.teacher, x), y,
+                                                     alpha=tc.distill_alpha, temperature=tc.distill_temperature)
+                    scaled = loss / tc.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.detach().float()
+        clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        lr_used = self.optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        norm = D.grad_norm_value(clip_gradients(self.params, clip, sharded=self.sharded))
-        lr_used = self.optimizer.param_groups[0]["lr"]
+        norm = D.grad_norm_value(clip_gradients(self.params, clip, sharded=self.sharded, tally=tally))
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
