@@ -8,7 +8,7 @@ Cases, each timed in the same process with the two models alternating (medians o
            steps as generate() takes them (MemoryFormer's fused op with the cache's decode_plan)
   prefill  512 tokens, batch 1
   train    one training step as the training loop takes it (forward, cross-entropy, backward,
-           clip_gradients, AdamW from build_optimizer, fused where supported, zero_grad): batch 4 x 512
+           clip_and_step, AdamW from build_optimizer, fused where supported, zero_grad): batch 4 x 512
            tokens; and at the scaling study's size (d 128, 2 layers, 4 heads, vocabulary 4096, batch
            8 x 128), a MemoryFormer against its twin of that size
   decode with the LM head in bf16 or int8 (memoryformer.inference.quantize), both models alike; with
@@ -45,7 +45,7 @@ from memoryformer.inference.pages import huge_page_tensor, huge_pages_available,
 from memoryformer.inference.quantize import quantize_model  # noqa: E402
 from memoryformer.kernels.grad_norms import GradNormTally  # noqa: E402
 from memoryformer.train.config import TrainConfig  # noqa: E402
-from memoryformer.train.optim import build_optimizer, clip_gradients, fused_adamw_supported  # noqa: E402
+from memoryformer.train.optim import build_optimizer, clip_and_step, fused_adamw_supported  # noqa: E402
 
 PAIRS = {"tiny": ("mf-tiny", "pythia-70m"), "demo": ("mf-demo", "pythia-demo")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,8 +108,8 @@ def prefill_fn(model: LanguageModel, tokens: int, head: bool):
 def train_fn(model: LanguageModel, batch: int, tokens: int):
     """One training step as the training loop (memoryformer.train.loop) takes it, on random tokens
     (batch, tokens): forward with cross-entropy, backward (collecting the kernels' table-gradient norms),
-    clip_gradients at TrainConfig's grad_clip with those norms, AdamW from build_optimizer (fused where
-    fused_adamw_supported), zero_grad."""
+    clip_and_step at TrainConfig's grad_clip with those norms and AdamW from build_optimizer (fused
+    where fused_adamw_supported, the clip factor then applied inside it), zero_grad."""
     model.train()
     device = next(model.parameters()).device
     tc = TrainConfig()
@@ -122,8 +122,7 @@ def train_fn(model: LanguageModel, batch: int, tokens: int):
         with GradNormTally() as tally:
             _, loss = model(idx, targets)
             loss.backward()
-        clip_gradients(params, tc.grad_clip, sharded=False, tally=tally)
-        opt.step()
+        clip_and_step(opt, params, tc.grad_clip, sharded=False, tally=tally)
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -471,7 +470,7 @@ def write(args, rows: list[dict], memory: dict[str, float], huge: bool, bw: Band
              "Parameters of both models on 2 MiB pages (memoryformer.inference.pages.use_huge_pages)." if huge else
              "Parameters on 4 KiB pages (--no-huge-pages or no THP).",
              "MemoryFormer decode runs the fused decode_block op (memoryformer.kernels) when the kernels are built.",
-             "Training steps: the training loop's (clip_gradients with the kernels' table-gradient norms, build_optimizer's AdamW, fused where supported). "
+             "Training steps: the training loop's (clip_and_step with the kernels' table-gradient norms, build_optimizer's AdamW, fused where supported). "
              f"{STUDY_CASE}: {mf_name} and {dense_name} at d 128, 2 layers, 4 heads, vocabulary 4096 "
              f"({params['study memoryformer'] / 1e6:.1f}M and {params['study dense'] / 1e6:.1f}M parameters).",
              "Bytes (decode at batch 1, decode_bytes in benchmarks/model.py; docs/performance.md): what a step reads. "

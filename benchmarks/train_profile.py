@@ -4,8 +4,8 @@
 
 Pairs: `study` is the scaling study's size (d 128, 2 layers, 4 heads, vocab 4096, batch 8 x 128); `tiny`
 is mf-tiny against pythia-70m at batch 4 x 512. Each step is the training loop's (forward, cross-entropy,
-backward, gradient clipping with the table-gradient norms the backward kernels summed, AdamW,
-zero_grad), timed phase by phase with wall clocks (medians over
+backward, gradient clipping with the table-gradient norms the backward kernels summed, AdamW with the
+clip factor inside, zero_grad), timed phase by phase with wall clocks (medians over
 steps), then once under torch.profiler for the ops (self CPU time, top 12 per model). "python & other" is
 a phase's wall time minus the self time of the ops it ran.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import configure_allocator, write_results  # noqa: E402
 
 from memoryformer.kernels.grad_norms import GradNormTally  # noqa: E402
-from memoryformer.train.optim import clip_gradients  # noqa: E402
+from memoryformer.train.optim import clip_gradients, folds_clipping, step_clipped  # noqa: E402
 
 FUSED = True
 PHASES = ("blocks forward", "head + loss forward", "backward", "grad clip", "optimizer", "zero_grad")
@@ -76,8 +76,11 @@ def step_phases(model, optimizer, idx, targets, clock: dict[str, list[float]], p
         loss = phase("head + loss forward", lambda: F.cross_entropy(
             model.head(hidden).float().flatten(0, 1), targets.flatten()))
         phase("backward", loss.backward)
-    phase("grad clip", lambda: clip_gradients(list(model.parameters()), 1.0, sharded=False, tally=tally))
-    phase("optimizer", optimizer.step)
+    # the training loop's clip_and_step in its two halves: the norm (and the multiply, unless the
+    # optimizer applies the factor itself), then the update
+    params, fold = list(model.parameters()), folds_clipping(optimizer)
+    norm = phase("grad clip", lambda: clip_gradients(params, 1.0, sharded=False, tally=tally, scale=not fold))
+    phase("optimizer", lambda: step_clipped(optimizer, params, norm, 1.0) if fold else optimizer.step())
     phase("zero_grad", lambda: optimizer.zero_grad(set_to_none=True))
 
 

@@ -1,5 +1,6 @@
-"""Gradient clipping with the table-gradient norms the backward kernel sums (kernels.grad_norms,
-train.optim.clip_gradients), against torch's clip_grad_norm_ and a float64 sum."""
+"""Gradient clipping: the table-gradient norms the backward kernel sums (kernels.grad_norms,
+train.optim.clip_gradients) and the clip factor applied inside fused AdamW (train.optim.clip_and_step),
+against torch's clip_grad_norm_ followed by the optimizer step, and a float64 sum."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from memoryformer import kernels
 from memoryformer.core.config import ModelConfig
 from memoryformer.core.model import LanguageModel
 from memoryformer.kernels.grad_norms import GradNormTally
-from memoryformer.train.optim import clip_gradients
+from memoryformer.train import TrainConfig, build_optimizer
+from memoryformer.train.optim import clip_and_step, clip_gradients, folds_clipping, fused_adamw_supported
 
 HAS_TOTAL_NORM = hasattr(torch.nn.utils, "get_total_norm")
+needs_fused = pytest.mark.skipif(not (fused_adamw_supported(torch.device("cpu")) and HAS_TOTAL_NORM),
+                                 reason="fused AdamW on CPU needs torch >= 2.4, get_total_norm torch >= 2.6")
 
 
 def model_and_batch(seed: int = 0, arch: str = "mf-test"):
@@ -144,3 +148,90 @@ def test_clip_with_tally_is_closer_to_the_float64_norm(built):
     ours = float(clip_gradients([table], 1e30, sharded=False, tally=tally))
     theirs = float(torch.nn.utils.get_total_norm([table.grad]))
     assert abs(ours - exact) <= abs(theirs - exact) and abs(ours - exact) <= 1e-6 * exact
+
+
+# ---- clip_and_step ------------------------------------------------------------------------------
+
+def twin_runs(max_norm: float, steps: int = 3):
+    """The same model trained by clip_grad_norm_ + step and by clip_and_step (with the tally)."""
+    ours, x = model_and_batch(3)
+    theirs, _ = model_and_batch(3)
+    opt_ours = build_optimizer(ours, TrainConfig(), lr=1e-2, fused=True)
+    opt_theirs = build_optimizer(theirs, TrainConfig(), lr=1e-2, fused=True)
+    norms = []
+    with kernels.backend("kernels"):
+        for _ in range(steps):
+            tally = GradNormTally()
+            backward(ours, x, tally)
+            backward(theirs, x)
+            assert folds_clipping(opt_ours)
+            n_ours = clip_and_step(opt_ours, list(ours.parameters()), max_norm, sharded=False, tally=tally)
+            n_theirs = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), max_norm)
+            grads = [(a.grad.clone(), b.grad.clone()) for a, b in zip(ours.parameters(), theirs.parameters())]
+            opt_theirs.step()
+            norms.append((float(n_ours), float(n_theirs)))
+            opt_ours.zero_grad(set_to_none=True)
+            opt_theirs.zero_grad(set_to_none=True)
+    return ours, theirs, norms, grads
+
+
+@needs_fused
+@pytest.mark.parametrize("max_norm", [1e-2, 1e9])
+def test_clip_and_step_equals_clip_then_step(built, max_norm):
+    ours, theirs, norms, grads = twin_runs(max_norm)
+    for a, b in norms:
+        assert a == pytest.approx(b, rel=1e-5)
+    assert (max_norm < 1) == all(a > max_norm for a, _ in norms)  # clipped at every step, or never
+    for mine, torch_s in grads:  # the gradients left behind are the clipped ones
+        torch.testing.assert_close(mine, torch_s, rtol=1e-5, atol=1e-9)
+    for a, b in zip(ours.parameters(), theirs.parameters()):  # Adam turns an ulp on a near-zero
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # gradient into ~1e-6 of a 3e-2 update
+
+
+@needs_fused
+def test_clip_and_step_folds_the_factor_into_fused_adamw(built, monkeypatch):
+    """When clipping, fused AdamW receives the factor (grad_scale = 1 / factor) and the gradients are
+    not scaled beforehand; the attribute is gone after the step."""
+    model, x = model_and_batch(4)
+    opt = build_optimizer(model, TrainConfig(), lr=1e-2, fused=True)
+    seen = []
+    real_step = opt.step
+    monkeypatch.setattr(opt, "step", lambda: (seen.append(getattr(opt, "grad_scale", None)), real_step())[1])
+    scaled = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: scaled.append(a))
+    backward(model, x)
+    norm = clip_and_step(opt, list(model.parameters()), 1e-3, sharded=False)
+    assert not scaled and seen[0] is not None
+    torch.testing.assert_close(seen[0], torch.tensor((float(norm) + 1e-6) / 1e-3), rtol=1e-6, atol=0)
+    assert not hasattr(opt, "grad_scale")
+
+
+def test_clip_and_step_scales_first_without_fused_adamw(built):
+    model, x = model_and_batch(5)
+    opt = build_optimizer(model, TrainConfig(), lr=1e-2, fused=False)
+    assert not folds_clipping(opt)
+    backward(model, x)
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = clip_and_step(opt, list(model.parameters()), 1e-3, sharded=False)
+    factor = 1e-3 / (float(norm) + 1e-6)
+    for p, g in zip(model.parameters(), before):
+        torch.testing.assert_close(p.grad, g * factor)
+
+
+@needs_fused
+def test_an_infinite_norm_zeroes_the_gradients_like_torch(built):
+    model, x = model_and_batch(6, "pythia-test")
+    opt = build_optimizer(model, TrainConfig(), lr=1e-2, fused=True)
+    backward(model, x)
+    first = next(model.parameters())
+    first.grad[0] = float("inf")
+    norm = clip_and_step(opt, list(model.parameters()), 1.0, sharded=False)
+    assert norm == float("inf")
+    assert all(torch.all(p.grad == 0) for p in model.parameters() if p is not first)
+
+
+def test_norm_only_needs_local_cpu_gradients():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="scale=False"):
+        clip_gradients([p], 1.0, sharded=True, scale=False)

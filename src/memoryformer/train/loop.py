@@ -38,6 +38,7 @@ from memoryformer.train.metrics import MetricsLog, StepStats, flops_per_token
 from memoryformer.train.optim import (
     build_optimizer,
     build_scheduler,
+    clip_and_step,
     clip_gradients,
     fused_adamw_supported,
     restore_schedule,
@@ -285,12 +286,12 @@ class Trainer:
         lr_used = self.optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        norm = D.grad_norm_value(clip_gradients(self.params, clip, sharded=self.sharded, tally=tally))
-        if scaler is not None:
+            norm = D.grad_norm_value(clip_gradients(self.params, clip, sharded=self.sharded))
             scaler.step(self.optimizer)
             scaler.update()
         else:
-            self.optimizer.step()
+            norm = D.grad_norm_value(clip_and_step(self.optimizer, self.params, clip, sharded=self.sharded,
+                                                   tally=tally))
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1

@@ -51,7 +51,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, lr: float, *, fused: 
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, *, sharded: bool,
-                   tally: GradNormTally | None = None) -> torch.Tensor:
+                   tally: GradNormTally | None = None, scale: bool = True) -> torch.Tensor:
     """Scale the gradients so that their global 2-norm is at most max_norm; return the norm before.
 
     The same result as `torch.nn.utils.clip_grad_norm_`, which always multiplies every gradient (by 1 when
@@ -62,15 +62,16 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, *, sharded: bool
     (`kernels.grad_norms`), used for the gradients they still describe, so that the norm reads only the
     other gradients: a second pass over every table gradient saved on every step. The kernel sums in
     float64, so the norm is closer to the exact one than torch's float32 sum (which at mf-tiny's
-    33M-entry tables is off by up to 0.2%). Sharded (DTensor) and accelerator gradients keep torch's
-    path."""
+    33M-entry tables is off by up to 0.2%). scale=False: the norm only, for `step_clipped` (local CPU
+    gradients only). Sharded (DTensor) and accelerator gradients keep torch's path."""
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
     grads = [p.grad for p in params if p.grad is not None]
     if sharded or get_total_norm is None or not grads or any(g.device.type != "cpu" for g in grads):
+        if not scale:
+            raise ValueError("clip_gradients(scale=False) needs local CPU gradients and torch >= 2.6")
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = _total_norm(params, grads, tally, get_total_norm)
-    coef = max_norm / (float(norm) + 1e-6)  # clip_grad_norm_'s coefficient
-    if coef < 1.0:
+    if scale and clip_coefficient(norm, max_norm) < 1.0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
@@ -86,6 +87,55 @@ def _total_norm(params: list[nn.Parameter], grads: list[torch.Tensor], tally: Gr
     if rest:
         total += float(get_total_norm(rest)) ** 2
     return torch.tensor(math.sqrt(total), dtype=torch.float32)
+
+
+def clip_coefficient(norm: torch.Tensor | float, max_norm: float) -> float:
+    """clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
+    return min(1.0, max_norm / (float(norm) + 1e-6))
+
+
+def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` can apply the clip factor itself: torch's fused AdamW divides every
+    gradient by `optimizer.grad_scale` in the same pass as its update (the protocol GradScaler uses),
+    which saves clipping's separate read of every gradient."""
+    return (isinstance(optimizer, torch.optim.AdamW) and not hasattr(optimizer, "grad_scale")
+            and hasattr(torch.nn.utils, "get_total_norm")
+            and all(group.get("fused") for group in optimizer.param_groups)
+            and all(p.device.type == "cpu" for group in optimizer.param_groups for p in group["params"]))
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float, *,
+                  sharded: bool, tally: GradNormTally | None = None) -> torch.Tensor:
+    """clip_gradients(params, max_norm, tally=tally), then optimizer.step(); return the norm before
+    clipping. Where the optimizer `folds_clipping`, the factor is applied inside the update
+    (`step_clipped`) instead of by a multiply of its own."""
+    if sharded or not folds_clipping(optimizer):
+        norm = clip_gradients(params, max_norm, sharded=sharded, tally=tally)
+        optimizer.step()
+        return norm
+    norm = clip_gradients(params, max_norm, sharded=False, tally=tally, scale=False)
+    step_clipped(optimizer, params, norm, max_norm)
+    return norm
+
+
+def step_clipped(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], norm: torch.Tensor,
+                 max_norm: float) -> None:
+    """optimizer.step() on the gradients clipped to max_norm, given their norm, for an optimizer that
+    `folds_clipping`: each gradient is divided by 1 / factor inside the update (within an ulp or two of
+    clip_grad_norm_'s product), and the gradients left behind are the clipped ones, as after
+    clip_grad_norm_. Fused AdamW writes them back, so this saves a read of every gradient, not the
+    write."""
+    coef = clip_coefficient(norm, max_norm)
+    if 0.0 < coef < 1.0:
+        optimizer.grad_scale = torch.tensor(1.0 / coef, dtype=torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return
+    if coef < 1.0:  # an infinite norm: clip_grad_norm_'s factor 0, which no divisor gives
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    optimizer.step()
 
 
 class WarmupCosine:
