@@ -152,16 +152,32 @@ def test_hash_matches_reference_including_signed_zero_and_nan(built):
         close(w.nan_to_num(), w_ref.nan_to_num(), rtol=1e-6, atol=1e-7)
 
 
-def test_hash_gradient(built):
+@pytest.mark.parametrize("tau,weighting", [(10, "prob"), (8, "prob"), (8, "l1"), (4, "l1")])
+def test_hash_gradient(built, tau, weighting):
+    """tau = 8 takes the vector chunk path (memory_common.h: hash_chunks8_backward), others the loop;
+    zeros and a NaN included."""
     torch.manual_seed(1)
-    x = torch.randn(7, 30)
+    x = torch.randn(7, 3 * tau)
+    x[0, :tau] = 0.0
+    x[1, 2] = float("nan")
     g = torch.randn(7, 3)
     with kernels.backend("torch"):
         x64 = x.double().requires_grad_()
-        memory_hash(x64, 10, "prob", 0.5)[1].backward(g.double())
+        memory_hash(x64, tau, weighting, 0.5)[1].backward(g.double())
     xk = x.clone().requires_grad_()
-    kernels.memory_hash(xk, 10, "prob", 0.5)[1].backward(g)
-    close(xk.grad, x64.grad, rtol=1e-5, atol=1e-6)
+    kernels.memory_hash(xk, tau, weighting, 0.5)[1].backward(g)
+    assert torch.equal(xk.grad.isnan(), x64.grad.isnan())
+    close(xk.grad.nan_to_num(), x64.grad.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_hash_at_tau_8_matches_float_inputs(built):
+    """The vector chunk path reads bf16 inputs as the loop does: the same rows, weights within bf16."""
+    torch.manual_seed(2)
+    x = torch.randn(33, 48).bfloat16()
+    rows, w = kernels.memory_hash(x, 8, "prob", 1.0)
+    rows_f, w_f = kernels.memory_hash(x.float(), 8, "prob", 1.0)
+    assert w.dtype == torch.bfloat16 and torch.equal(rows, rows_f)
+    close(w, w_f, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("rows_dtype", [torch.int64, torch.int32])
