@@ -284,6 +284,10 @@ def test_backward_sums_table_gradient_squares(built, n, k, tau, out, threads):
     assert sq_bf16.tolist() == ([-1.0, -1.0] if n else [0.0, 0.0])
     _, _, none = ops.memory_layer_backward(grads, x, tables, tau, "prob", 1.0, True, False)
     assert none.numel() == 0
+    with option("grad_sqnorm", 0):  # switched off (for A/B timing): no sums, -1 as for bf16
+        _, gtables_off, off = ops.memory_layer_backward(grads, x, tables, tau, "prob", 1.0, True, True)
+    assert off.tolist() == ([-1.0, -1.0] if n else [0.0, 0.0])
+    assert all(torch.equal(a, b) for a, b in zip(gtables, gtables_off))
 
 
 def test_opcheck_all_ops(built):

@@ -155,6 +155,7 @@ struct Options {
   int64_t tile_bytes_bwd = 262144;  // bucket-major backward: same for the grad tile
   int64_t row_prefetch = 16;    // bucket-major: table rows ahead for software prefetch
   int64_t nt_store = 1;         // bucket-major backward: non-temporal stores of the table gradient
+  int64_t grad_sqnorm = 1;      // backward: sum each fp32 table gradient's squares as it is written
   int64_t hugepages = 0;        // 1: back large tables with 2 MiB pages on first use (Linux madvise)
   int64_t pf_loc = 2;           // bucket-major: prefetch locality 0..3 (2: into L2; rows are
                                 // 4 KiB apart, so L1 prefetches conflict in one set)

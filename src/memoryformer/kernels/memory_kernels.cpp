@@ -34,6 +34,7 @@ static int64_t set_option(c10::string_view name, int64_t value) {
   else if (s == "pf_loc") p = &g_opt.pf_loc;
   else if (s == "hugepages") p = &g_opt.hugepages;
   else if (s == "nt_store") p = &g_opt.nt_store;
+  else if (s == "grad_sqnorm") p = &g_opt.grad_sqnorm;
   TORCH_CHECK(p != nullptr, "memoryformer::_set_option: unknown option '", s, "'");
   const int64_t old = *p;
   if (value >= 0) *p = value;
@@ -219,6 +220,9 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
   const int32_t* tok = csr.tok.data();
   const int32_t* slot = csr.slot.data();
   const float* wts = csr.w.data();
+  vf sqv = vf{} + 0.f;  // squares of the rows written, in float for 64 rows at a time, then in double
+  double sqd = 0.0;
+  int sq_rows = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t p0 = start[r], p1 = start[r + 1];
     vf acc[NV];
@@ -254,12 +258,12 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
       else
         for (int v = 0; v < NV; ++v) vstore(gT + r * d + c + VW * v, acc[v]);
       if (sq && p0 < p1) {  // the squared norm of what was just written, while it is in registers
-        vf s = acc[0] * acc[0];
-        for (int v = 1; v < NV; ++v) s += acc[v] * acc[v];
-        *sq += hsum(s);
+        for (int v = 0; v < NV; ++v) sqv += acc[v] * acc[v];
+        if (++sq_rows == 64) sqd += hsum(sqv), sqv = vf{} + 0.f, sq_rows = 0;
       }
     }
   }
+  if (sq) *sq += sqd + hsum(sqv);
 }
 
 // Scalar tail columns [c0, d) of the backward (g: full (N, d) grad).
@@ -560,7 +564,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> memory_layer_backwar
     if (t.scalar_type() == at::kFloat) {
       Table<float> T{t.data_ptr<float>(), nullptr, R, t.size(1)};
       bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<float>() : nullptr, gwp,
-                       need_tables ? sqnorms.data_ptr<double>() + i : nullptr);
+                       need_tables && g_opt.grad_sqnorm ? sqnorms.data_ptr<double>() + i : nullptr);
     } else {
       Table<bf16> T{t.data_ptr<bf16>(), nullptr, R, t.size(1)};
       bwd_bucket_major(csr, N, T, g.data_ptr<float>(), need_tables ? gtables[i].data_ptr<bf16>() : nullptr, gwp);
