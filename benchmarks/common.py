@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from run_all import describe_speed  # the summary's wording (run_all imports no torch)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -24,6 +25,24 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def machine_speed() -> dict:
+    """How fast this machine runs right now: best-of-3 fp32 matmul GFLOP/s (1024 x 1024 x 4096) and copy
+    GB/s (128 MB, read + write counted). A shared VM's speed moves from hour to hour; results files keep
+    it so that a run on a slow phase can be told from a regression."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 4096)
+    src = torch.randn(32 * 1024 * 1024)
+    dst = torch.empty_like(src)
+    flops, copy = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        flops.append(2 * 1024 * 1024 * 4096 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy.append(2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return {"matmul_gflops": round(max(flops), 1), "copy_gb_s": round(max(copy), 1)}
 
 
 def configure_allocator(huge_pages: bool) -> None:
@@ -69,13 +88,15 @@ def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], *
     """Write results/NAME.json and results/NAME.md (a Markdown table of `columns`: (key, header))."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])
-    meta = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = {"command": command, "machine": {**machine(), "speed": machine_speed()},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     payload = {**meta, **(extra or {}), "rows": rows}
     json_path = RESULTS / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     m = meta["machine"]
     lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {m['cpu']}, {m['torch_threads']} threads, "
-             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + "  ", f"Date: {meta['date']}", ""]
+             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + "  ",
+             f"Machine speed when written: {describe_speed(m)}  ", f"Date: {meta['date']}", ""]
     lines += ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(k)) for k, _ in columns) + " |")

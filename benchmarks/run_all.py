@@ -324,6 +324,15 @@ def describe_machine(m: dict | None) -> str:
     return ", ".join(parts)
 
 
+def describe_speed(m: dict | None) -> str:
+    """'59 GFLOP/s fp32 matmul, 18.5 GB/s copy' from a results file's machine record ('' without one;
+    common.machine_speed measures it)."""
+    speed = m.get("speed") if isinstance(m, dict) else None
+    if not isinstance(speed, dict):
+        return ""
+    return f"{speed.get('matmul_gflops', '?')} GFLOP/s fp32 matmul, {speed.get('copy_gb_s', '?')} GB/s copy"
+
+
 def md_order(stem: str) -> tuple:
     """layer, the model pairs (the benchmarks' own first), the other benchmarks in BENCHES order
     (scaling_cost, precision), then anything else, by name."""
@@ -349,7 +358,7 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
     results = load_results(results_dir)
     rows = targets(results)
     sources = {stem: {"date": p.get("date"), "command": p.get("command"),
-                      "machine": describe_machine(p.get("machine"))}
+                      "machine": describe_machine(p.get("machine")), "speed": describe_speed(p.get("machine"))}
                for stem, p in sorted(results.items(), key=lambda kv: md_order(kv[0]))}
     machines = list(dict.fromkeys(s["machine"] for s in sources.values()))
     failed = [r.name for r in runs or [] if not r.ok]
@@ -383,10 +392,13 @@ def build_summary(results_dir: Path = RESULTS, *, command: str = f"{PROG} --summ
             if not r.ok:
                 lines += ["", f"{r.name} failed; its results below, if any, are from an earlier run. "
                               "Last output lines:", "", "```", *r.tail, "```"]
-    lines += ["", "## Sources", "", "| file | date | command | machine |", "|---|---|---|---|"]
+    lines += ["", "## Sources", "",
+              "Machine speed: the VM's own fp32 matmul and copy rates when the file was written (shared VMs "
+              "slow down for hours at a time; compare runs at similar speeds).", "",
+              "| file | date | command | machine | machine speed |", "|---|---|---|---|---|"]
     for stem, s in sources.items():
         lines.append(f"| [{stem}.json]({stem}.json) | {s['date']} | `{_cell(s['command'])}` | "
-                     f"{_cell(s['machine'])} |")
+                     f"{_cell(s['machine'])} | {s['speed'] or 'not recorded'} |")
     for stem in sources:
         md = results_dir / f"{stem}.md"
         if md.exists():

@@ -379,3 +379,23 @@ def test_scaling_cost_plots(tmp_path) -> None:
     paths = scaling_cost.plot(rows, ("mf-x", "dense-x"), tmp_path, "s")
     assert [p.name for p in paths] == ["s_batch.png", "s_train.png"]  # no context points: no plot
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_results_record_the_machine_speed(tmp_path, monkeypatch) -> None:
+    """write_results keeps the VM's matmul and copy rates of the moment; the summary shows them, and
+    'not recorded' for files written before."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "machine_speed", lambda: {"matmul_gflops": 59.0, "copy_gb_s": 18.5})
+    common.write_results("layer", [layer_row(1, "fwd", 0.1)], [("ratio", "ratio")], title="t")
+    payload = json.loads((tmp_path / "layer.json").read_text())
+    assert payload["machine"]["speed"] == {"matmul_gflops": 59.0, "copy_gb_s": 18.5}
+    assert "Machine speed when written: 59.0 GFLOP/s fp32 matmul, 18.5 GB/s copy" in (tmp_path / "layer.md").read_text()
+    write(tmp_path, "precision", [])
+    text, summary = run_all.build_summary(tmp_path)
+    assert summary["sources"]["layer"]["speed"] == "59.0 GFLOP/s fp32 matmul, 18.5 GB/s copy"
+    assert "| 59.0 GFLOP/s fp32 matmul, 18.5 GB/s copy |" in text and "| not recorded |" in text
+
+
+def test_machine_speed_measures_positive_rates() -> None:
+    speed = common.machine_speed()
+    assert set(speed) == {"matmul_gflops", "copy_gb_s"} and all(v > 0 for v in speed.values())
