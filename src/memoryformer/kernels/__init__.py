@@ -53,6 +53,8 @@ Ops (all with fake kernels for meta tensors / torch.compile, and FLOP formulas):
                                            RMSNorm: LanguageModel's step through `try_decode_blocks`
     _set_option(name, value) -> old        tuning knobs (algorithm, block sizes), for benchmarks
 
+Hash: exp(-s|z|) vectorised over the token; at tau = 8 each chunk is one 8-float vector, its product,
+sign code and L1 norm butterfly reductions (memory_common.h: hash_chunks8), other tau a loop per chunk.
 Algorithms (forward; the summation order is the same in all, so results are bitwise identical):
     N <= 16 per thread: each token's output columns split across threads, rows read contiguously;
     N < 1024: token-major, 64 output columns at a time accumulated in registers;
