@@ -235,3 +235,17 @@ def test_norm_only_needs_local_cpu_gradients():
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match="scale=False"):
         clip_gradients([p], 1.0, sharded=True, scale=False)
+
+
+def test_a_compiled_backward_records_nothing_and_keeps_one_graph(built):
+    """Under torch.compile the backward is traced with fake tensors, whose sums cannot be read: no
+    record, no graph break (fullgraph), and clipping reads the gradient itself."""
+    from memoryformer import MemoryLayer
+
+    torch.manual_seed(8)
+    layer = MemoryLayer(16, 8, tau=8)
+    loss = torch.compile(lambda x: layer(x).pow(2).sum(), backend="aot_eager", fullgraph=True)
+    tally = GradNormTally()
+    with kernels.backend("kernels"), tally:
+        loss(torch.randn(4, 16)).backward()
+    assert len(tally) == 0 and layer.table.grad is not None

@@ -83,7 +83,8 @@ def _ml_backward(ctx, grads):
     gx, gtables, sqnorms = torch.ops.memoryformer.memory_layer_backward(
         grads, x, tables, *ctx.hash_args, need_x, any(need_t)
     )
-    if grad_norms.active() and sqnorms.numel():
+    if grad_norms.active() and sqnorms.numel() and type(sqnorms) is torch.Tensor:  # not while compiling
+        # (a traced backward has fake tensors, whose values cannot be read: the norm is then read later)
         for table, grad, sqnorm, need in zip(tables, gtables, sqnorms.tolist(), need_t):
             if need:
                 grad_norms.record(table, grad, sqnorm)
