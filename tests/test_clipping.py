@@ -249,3 +249,69 @@ def test_a_compiled_backward_records_nothing_and_keeps_one_graph(built):
     with kernels.backend("kernels"), tally:
         loss(torch.randn(4, 16)).backward()
     assert len(tally) == 0 and layer.table.grad is not None
+
+
+def test_a_new_gradient_on_the_freed_address_is_not_trusted(built):
+    """The record keeps a weak reference to the kernel's gradient storage: once freed, a tensor that
+    lands on the same address with version 0 is not taken for it."""
+    model, x = model_and_batch(9)
+    tally = GradNormTally()
+    with kernels.backend("kernels"):
+        backward(model, x, tally)
+    table = table_params(model)[0]
+    assert tally.sqnorm(table) is not None  # the kernel's tensor itself
+    for _ in range(3):  # free it; a later copy may reuse its address
+        table.grad = table.grad * 0.5
+    assert tally.sqnorm(table) is None
+
+
+def test_clip_and_step_clears_the_tally(built):
+    """Fused AdamW writes the clipped gradients back without bumping their versions: the records are
+    dropped after the step, so a later clip reads the gradients."""
+    model, x = model_and_batch(10)
+    opt = build_optimizer(model, TrainConfig(), lr=1e-2, fused=True)
+    tally = GradNormTally()
+    with kernels.backend("kernels"):
+        backward(model, x, tally)
+    assert len(tally)
+    clip_and_step(opt, list(model.parameters()), 1e-3, sharded=False, tally=tally)
+    assert len(tally) == 0
+
+
+def test_each_thread_has_its_own_tally(built):
+    import threading
+
+    errors, sizes = [], []
+
+    def work(seed):
+        try:
+            model, x = model_and_batch(seed)
+            tally = GradNormTally()
+            with kernels.backend("kernels"):
+                backward(model, x, tally)
+            sizes.append(len(tally))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with GradNormTally():  # this thread's window does not block the others
+        threads = [threading.Thread(target=work, args=(s,)) for s in (11, 12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and sizes == [len(table_params(model_and_batch(11)[0]))] * 2
+
+
+@needs_fused
+def test_no_fold_when_clipping_a_subset_of_the_optimized_parameters(built, monkeypatch):
+    model, x = model_and_batch(13)
+    opt = build_optimizer(model, TrainConfig(), lr=1e-2, fused=True)
+    backward(model, x)
+    subset = table_params(model)
+    seen = []
+    real_step = opt.step
+    monkeypatch.setattr(opt, "step", lambda: (seen.append(getattr(opt, "grad_scale", None)), real_step())[1])
+    others = [(p, p.grad.clone()) for p in model.parameters() if all(p is not t for t in subset)]
+    clip_and_step(opt, subset, 1e-6, sharded=False)
+    assert seen == [None]  # scaled by a multiply, only the subset
+    assert all(torch.equal(p.grad, g) for p, g in others)

@@ -107,14 +107,22 @@ def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float, *,
                   sharded: bool, tally: GradNormTally | None = None) -> torch.Tensor:
     """clip_gradients(params, max_norm, tally=tally), then optimizer.step(); return the norm before
-    clipping. Where the optimizer `folds_clipping`, the factor is applied inside the update
-    (`step_clipped`) instead of by a multiply of its own."""
-    if sharded or not folds_clipping(optimizer):
+    clipping. Where the optimizer `folds_clipping` and steps exactly `params`' gradients, the factor is
+    applied inside the update (`step_clipped`) instead of by a multiply of its own. The tally is
+    cleared afterwards."""
+    def with_grads(ps) -> set[int]:
+        return {id(p) for p in ps if p.grad is not None}
+
+    # the factor inside the update scales every gradient the optimizer steps: only when those are params
+    stepped = with_grads(p for group in optimizer.param_groups for p in group["params"])
+    if sharded or not folds_clipping(optimizer) or stepped != with_grads(params):
         norm = clip_gradients(params, max_norm, sharded=sharded, tally=tally)
         optimizer.step()
-        return norm
-    norm = clip_gradients(params, max_norm, sharded=False, tally=tally, scale=False)
-    step_clipped(optimizer, params, norm, max_norm)
+    else:
+        norm = clip_gradients(params, max_norm, sharded=False, tally=tally, scale=False)
+        step_clipped(optimizer, params, norm, max_norm)
+    if tally is not None:
+        tally.clear()  # fused AdamW's write-back of clipped gradients does not bump their versions
     return norm
 
 
