@@ -289,8 +289,8 @@ static void bucket_bwd_scalar(const CSR& csr, const Table<TT>& T, const float* g
 
 // gT (R, d) (optional) and gw += partial dots (optional); parallel over row ranges of equal work.
 // sq (optional, fp32 gT only): set to gT's squared 2-norm, summed as the rows are written (each
-// thread in double over its row range, then the threads in order), so that gradient clipping need
-// not read gT again.
+// thread in float over 64 rows at a time, then in double over its row range, then the threads in
+// order), so that gradient clipping need not read gT again.
 template <typename TT>
 static void bwd_bucket_major(const CSR& csr, int64_t N, const Table<TT>& T, const float* g, TT* gT,
                              float* gw, double* sq = nullptr) {

@@ -61,7 +61,7 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, *, sharded: bool
     tally: the squared norms the Memory Layer backward summed as it wrote the table gradients
     (`kernels.grad_norms`), used for the gradients they still describe, so that the norm reads only the
     other gradients: a second pass over every table gradient saved on every step. The kernel sums in
-    float64, so the norm is closer to the exact one than torch's float32 sum (which at mf-tiny's
+    float over 64 rows, then in float64, so the norm is closer to the exact one than torch's float32 sum (which at mf-tiny's
     33M-entry tables is off by up to 0.2%). scale=False: the norm only, for `step_clipped` (local CPU
     gradients only). Sharded (DTensor) and accelerator gradients keep torch's path."""
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
