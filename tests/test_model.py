@@ -78,6 +78,28 @@ def test_memoryformer_block_structure():
     assert sum(p.numel() for p in block.parameters()) / 1e6 == pytest.approx(69.2, abs=0.05)
 
 
+def test_rms_norm_matches_the_written_out_formula_with_gradients():
+    """RMSNorm equals w * x / (sqrt(mean(x^2)) + eps) in float64, values and gradients (gradcheck),
+    and its gradient at x = 0 is the true w / eps, not NaN (the formula's sqrt has no derivative there)."""
+    torch.manual_seed(0)
+    norm = RMSNorm(12, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(12, dtype=torch.float64))
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    ref = norm.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + norm.eps)
+    torch.testing.assert_close(norm(x), ref, rtol=1e-13, atol=1e-13)
+    gx, gw = torch.autograd.grad(norm(x).square().sum(), (x, norm.weight))
+    rx, rw = torch.autograd.grad(ref.square().sum(), (x, norm.weight))
+    torch.testing.assert_close(gx, rx, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(gw, rw, rtol=1e-11, atol=1e-11)
+    assert torch.autograd.gradcheck(norm, (x,))
+    zero = torch.zeros(2, 12, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(norm(zero).sum(), zero)
+    torch.testing.assert_close(g, (norm.weight / norm.eps).expand(2, 12).detach())
+    half = norm.float()(torch.randn(4, 12).to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+
+
 def test_memoryformer_block_matches_handwritten_reference():
     """The block equals the paper's Eq. 13 written out by hand, with the GeLU variant."""
     torch.manual_seed(1)
