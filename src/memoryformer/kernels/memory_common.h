@@ -150,7 +150,7 @@ struct Options {
   int64_t prefetch = 4;      // rows ahead for software prefetch (0: off)
   int64_t bucket_min_n = 256;   // auto: bucket-major forward only for N >= this, ...
   int64_t bucket_min_table_bytes = 16 << 20;  // ... a table of at least this many bytes ...
-  int64_t bucket_min_entries = 3;  // ... and at least this many entries per table row (N K / R)
+  int64_t bucket_min_entries = 2;  // ... and at least this many entries per table row (N K / R)
   int64_t tile_bytes = 1048576;     // bucket-major forward: max bytes of the (N, cb) tile (halves cb)
   int64_t tile_bytes_bwd = 262144;  // bucket-major backward: same for the grad tile
   int64_t row_prefetch = 16;    // bucket-major: table rows ahead for software prefetch

@@ -220,7 +220,11 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
   const int32_t* tok = csr.tok.data();
   const int32_t* slot = csr.slot.data();
   const float* wts = csr.w.data();
-  vf sqv = vf{} + 0.f;  // squares of the rows written, in float for 64 rows at a time, then in double
+  // squares of the rows written, in float for 64 rows at a time, then in double; one accumulator per
+  // vector of the block, so that no chain of dependent adds runs through the row loop (a single
+  // accumulator made the backward at d = 128 about 30% slower)
+  vf sqv[NV];
+  for (int v = 0; v < NV; ++v) sqv[v] = vf{} + 0.f;
   double sqd = 0.0;
   int sq_rows = 0;
   for (int64_t r = r0; r < r1; ++r) {
@@ -258,12 +262,18 @@ static inline void bucket_bwd_block(const CSR& csr, const Table<TT>& T, const fl
       else
         for (int v = 0; v < NV; ++v) vstore(gT + r * d + c + VW * v, acc[v]);
       if (sq && p0 < p1) {  // the squared norm of what was just written, while it is in registers
-        for (int v = 0; v < NV; ++v) sqv += acc[v] * acc[v];
-        if (++sq_rows == 64) sqd += hsum(sqv), sqv = vf{} + 0.f, sq_rows = 0;
+        for (int v = 0; v < NV; ++v) sqv[v] += acc[v] * acc[v];
+        if (++sq_rows == 64) {
+          for (int v = 0; v < NV; ++v) sqd += hsum(sqv[v]), sqv[v] = vf{} + 0.f;
+          sq_rows = 0;
+        }
       }
     }
   }
-  if (sq) *sq += sqd + hsum(sqv);
+  if (sq) {
+    for (int v = 0; v < NV; ++v) sqd += hsum(sqv[v]);
+    *sq += sqd;
+  }
 }
 
 // Scalar tail columns [c0, d) of the backward (g: full (N, d) grad).
@@ -381,8 +391,10 @@ static void forward_rows(const int32_t* rows, const float* w, int64_t N, int64_t
 // the last-level cache (so token-major reads would come from DRAM) and each table row serves several
 // tokens (so a row loaded once is reused). Measured on a 2-core Zen 3 with a 32 MiB L3, forward, fp32:
 // 6-8 MB tables were 1.3-1.6x faster token-major at every N; 34-134 MB tables were 0.73-0.97x
-// bucket-major from 4 entries per row, a coin flip at 2 (0.89-1.12x across runs), and 1.2-3.5x slower
-// at 1 or fewer (the tau = 10 Memory Block table at N = 1024 among them).
+// bucket-major from 4 entries per row and 1.2-3.5x slower at 1 or fewer (the tau = 10 Memory Block
+// table at N = 1024 among them). At 2 entries per row, a coin flip in earlier runs, bucket-major won
+// every interleaved run of the latest sweep: 0.74-0.85x at d = 512, 768 and 1024 with N = 512. At 1.5
+// it still lost at d = 512 (1.3-1.6x).
 static bool want_csr(int64_t N, int64_t K, int64_t R, int64_t table_bytes) {
   const int64_t nt = at::get_num_threads();
   if (g_opt.fwd_algo == 2) return true;
