@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from run_all import describe_speed  # the summary's wording (run_all imports no torch)
+from run_all import describe_machine, describe_speed  # the summary's wording (run_all imports no torch)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,9 +21,36 @@ def machine() -> dict:
     from memoryformer.research.reproduce.runner import machine as base
 
     prefixes = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
-    info = {**base(), "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(prefixes)}}
+    info = {**base(), **cpu_details(), "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(prefixes)}}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cpu_details() -> dict:
+    """What tells one host's CPU from another behind the same model name (a VM's "AMD EPYC" has been
+    more than one chip): cpu_family / cpu_model from /proc/cpuinfo, torch's vector ISA
+    (cpu_capability, e.g. AVX512 or AVX2) and the L2 (per core) and L3 sizes in KiB. Missing fields are
+    left out."""
+    info: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not line.strip():
+                break  # the first processor's block is enough
+            field = {"cpu family": "cpu_family", "model": "cpu_model"}.get(key.strip())
+            if field:
+                info[field] = value.strip()
+    except OSError:
+        pass
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if level in ("2", "3") and kind in ("Unified", "Data") and size.endswith("K"):
+            info[f"l{level}_kib"] = int(size[:-1])
     return info
 
 
@@ -94,8 +121,7 @@ def write_results(name: str, rows: list[dict], columns: list[tuple[str, str]], *
     json_path = RESULTS / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     m = meta["machine"]
-    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {m['cpu']}, {m['torch_threads']} threads, "
-             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + "  ",
+    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {describe_machine(m)}  ",
              f"Machine speed when written: {describe_speed(m)}  ", f"Date: {meta['date']}", ""]
     lines += ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

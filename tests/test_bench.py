@@ -399,3 +399,23 @@ def test_results_record_the_machine_speed(tmp_path, monkeypatch) -> None:
 def test_machine_speed_measures_positive_rates() -> None:
     speed = common.machine_speed()
     assert set(speed) == {"matmul_gflops", "copy_gb_s"} and all(v > 0 for v in speed.values())
+
+
+def test_results_name_the_cpu_behind_the_model_name(tmp_path, monkeypatch) -> None:
+    """The machine record holds torch's vector ISA (and, on Linux, family, model and cache sizes); the
+    results' Machine line and the summary show them, and a record without them still reads."""
+    details = common.cpu_details()
+    assert details["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert all(isinstance(details[k], int) and details[k] > 0 for k in ("l2_kib", "l3_kib") if k in details)
+    record = {**MACHINE, "cpu_family": "26", "cpu_model": "2", "cpu_capability": "AVX512", "l2_kib": 1024,
+              "l3_kib": 32768}
+    line = "Test CPU (family 26 model 2, AVX512, L2 1024 KiB/core, L3 32 MiB), 2 threads, torch 9.9.9"
+    assert run_all.describe_machine(record) == line
+    assert run_all.describe_machine(MACHINE) == "Test CPU, 2 threads, torch 9.9.9"
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "machine", lambda: record)
+    monkeypatch.setattr(common, "machine_speed", lambda: {"matmul_gflops": 1.0, "copy_gb_s": 1.0})
+    common.write_results("layer", [layer_row(1, "fwd", 0.1)], [("ratio", "ratio")], title="t")
+    assert f"Machine: {line}  " in (tmp_path / "layer.md").read_text()
+    text, summary = run_all.build_summary(tmp_path)
+    assert summary["sources"]["layer"]["machine"] == line
