@@ -437,3 +437,48 @@ def test_huge_page_option_keeps_results(built):
     before = kernels.memory_layer(x, table, tau=8)
     with option("hugepages", 1):
         assert torch.equal(kernels.memory_layer(x, table, tau=8), before)
+
+
+def _build_has_avx512f() -> bool:
+    """Whether the kernels were built with AVX-512F: they are built with -march=native, so whether this
+    CPU has it (/proc/cpuinfo; torch's own capability, which ATEN_CPU_CAPABILITY can lower, elsewhere)."""
+    try:
+        return " avx512f " in f" {open('/proc/cpuinfo').read()} ".replace("\n", " ")
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def test_bucket_major_rule_defaults_and_results(built):
+    """The auto rule's entry thresholds are the documented ones for this build (2 entries per row for
+    fp32 tables and 1.5 for bf16 / int8 with AVX-512; 3 and 3 without). With the size limits lowered
+    so that small tables qualify, fp32 and bf16 outputs are bitwise the same on every path, and int8
+    ones, which round the row scale differently on the two paths (last bit), show the rule's choice:
+    token-major below the threshold, bucket-major from it."""
+    entries = ops._set_option("bucket_min_entries", -1)  # a negative value reads without setting
+    half_lowp = ops._set_option("bucket_min_half_entries_lowp", -1)
+    avx512 = _build_has_avx512f()
+    assert (entries, half_lowp) == ((2, 3) if avx512 else (3, 6))
+    torch.manual_seed(0)
+    K, tau, d = 4, 8, 48
+    R = K << tau
+    table = torch.randn(R, d)
+    q, scales = kernels.quantize_tables(table)
+    chose_bucket = set()
+    with option("bucket_min_table_bytes", 0), option("bucket_min_n", 0), option("small_n", 0):
+        for n in (256, 384, 512, 768):  # 1, 1.5, 2 and 3 entries per table row
+            x = torch.randn(n, K * tau)
+            runs = {}
+            for algo in (0, 1, 2):  # auto, token-major, bucket-major
+                with option("fwd_algo", algo):
+                    runs[algo] = (kernels.memory_layer(x, table, tau=8),
+                                  kernels.memory_layer(x.bfloat16(), table.bfloat16(), tau=8),
+                                  kernels.memory_layer_int8(x, q, scales, None, tau=8))
+            for i in (0, 1):
+                assert torch.equal(runs[1][i], runs[2][i]) and torch.equal(runs[0][i], runs[1][i])
+            auto, token, bucket = runs[0][2], runs[1][2], runs[2][2]
+            assert not torch.equal(token, bucket)  # else the int8 check below could not tell them apart
+            close(token, bucket, rtol=1e-6, atol=1e-6)
+            assert torch.equal(auto, bucket if 2 * n * K >= half_lowp * R else token)
+            if torch.equal(auto, bucket):
+                chose_bucket.add(n)
+    assert chose_bucket == ({384, 512, 768} if avx512 else {768})

@@ -55,11 +55,15 @@ Ops (all with fake kernels for meta tensors / torch.compile, and FLOP formulas):
 
 Hash: exp(-s|z|) vectorised over the token; at tau = 8 each chunk is one 8-float vector, its product,
 sign code and L1 norm butterfly reductions (memory_common.h: hash_chunks8), other tau a loop per chunk.
-Algorithms (forward; the summation order is the same in all, so results are bitwise identical):
+Algorithms (forward; the summation order is the same in all, so fp32 and bf16 results are bitwise
+identical; int8 ones can differ in the last bit, the row scale multiplying the weight on one path and
+the row on the other):
     N <= 16 per thread: each token's output columns split across threads, rows read contiguously;
-    N < 1024: token-major, 64 output columns at a time accumulated in registers;
-    N >= 1024: bucket-major: entries sorted by table row (counting sort), each row's column slice
-    loaded once and added into an (N, cb) float tile that stays in cache.
+    otherwise token-major, 64 output columns at a time accumulated in registers;
+    except bucket-major for N >= 256, a table of 16 MiB or more and at least 2 entries per table row
+    (N K / R) for fp32 tables, 1.5 for bf16 and int8 ones (3 and 3 in builds without AVX-512):
+    entries sorted by table row (counting sort), each row's column slice loaded once and added into
+    an (N, cb) float tile that stays in cache (memory_kernels.cpp: want_csr).
 Backward: bucket-major; each table-gradient row is accumulated in registers and written once
 (non-temporal stores), the per-entry weight gradient <grad_out[n], table[row]> in the same pass, and
 the squared norm of every fp32 table gradient summed as it is written (float64), which the training

@@ -150,7 +150,16 @@ struct Options {
   int64_t prefetch = 4;      // rows ahead for software prefetch (0: off)
   int64_t bucket_min_n = 256;   // auto: bucket-major forward only for N >= this, ...
   int64_t bucket_min_table_bytes = 16 << 20;  // ... a table of at least this many bytes ...
-  int64_t bucket_min_entries = 2;  // ... and at least this many entries per table row (N K / R)
+  // ... and at least bucket_min_entries entries per table row (N K / R) for fp32 tables, or at least
+  // bucket_min_half_entries_lowp halves of one (2 N K / R) for bf16 and int8 tables. The values follow
+  // the two hosts measured (memory_kernels.cpp: want_csr), not a known mechanism.
+#if defined(__AVX512F__)
+  int64_t bucket_min_entries = 2;
+  int64_t bucket_min_half_entries_lowp = 3;
+#else
+  int64_t bucket_min_entries = 3;
+  int64_t bucket_min_half_entries_lowp = 6;
+#endif
   int64_t tile_bytes = 1048576;     // bucket-major forward: max bytes of the (N, cb) tile (halves cb)
   int64_t tile_bytes_bwd = 262144;  // bucket-major backward: same for the grad tile
   int64_t row_prefetch = 16;    // bucket-major: table rows ahead for software prefetch

@@ -28,6 +28,7 @@ static int64_t set_option(c10::string_view name, int64_t value) {
   else if (s == "bucket_min_n") p = &g_opt.bucket_min_n;
   else if (s == "bucket_min_table_bytes") p = &g_opt.bucket_min_table_bytes;
   else if (s == "bucket_min_entries") p = &g_opt.bucket_min_entries;
+  else if (s == "bucket_min_half_entries_lowp") p = &g_opt.bucket_min_half_entries_lowp;
   else if (s == "tile_bytes") p = &g_opt.tile_bytes;
   else if (s == "tile_bytes_bwd") p = &g_opt.tile_bytes_bwd;
   else if (s == "row_prefetch") p = &g_opt.row_prefetch;
@@ -389,24 +390,35 @@ static void forward_rows(const int32_t* rows, const float* w, int64_t N, int64_t
 
 // Bucket-major pays a counting sort and an (N, cb) tile; it wins only when the table does not stay in
 // the last-level cache (so token-major reads would come from DRAM) and each table row serves several
-// tokens (so a row loaded once is reused). Measured on a 2-core Zen 3 with a 32 MiB L3, forward, fp32:
-// 6-8 MB tables were 1.3-1.6x faster token-major at every N; 34-134 MB tables were 0.73-0.97x
-// bucket-major from 4 entries per row and 1.2-3.5x slower at 1 or fewer (the tau = 10 Memory Block
-// table at N = 1024 among them). At 2 entries per row, a coin flip in earlier runs, bucket-major won
-// every interleaved run of the latest sweep: 0.74-0.85x at d = 512, 768 and 1024 with N = 512. At 1.5
-// it still lost at d = 512 (1.3-1.6x).
-static bool want_csr(int64_t N, int64_t K, int64_t R, int64_t table_bytes) {
+// tokens (so a row loaded once is reused). Measured on a 2-core AVX2 host (Zen 3, 32 MiB L3), forward,
+// fp32: 6-8 MB tables were 1.3-1.6x faster token-major at every N; 34-134 MB tables were 0.73-0.97x
+// bucket-major from 4 entries per row, a coin flip at 2 (0.89-1.12x across runs; 1.17x the official
+// kernels' time against token-major's 0.96-1.03x at d = 1024, N = 512), and 1.2-3.5x slower at 1 or
+// fewer (the tau = 10 Memory Block table at N = 1024 among them): bucket_min_entries 3. On a 2-core
+// AVX-512 host (family 26, 1 MiB L2 per core, 32 MiB L3) bucket-major won every interleaved run at 2
+// entries per row: 0.74-0.85x token-major at d = 512, 768 and 1024 with N = 512, fp32 (0.67x the
+// official kernels' time against 0.91x), and lost at 1.5 for d = 512 (1.3-1.6x): bucket_min_entries 2
+// where the build has AVX-512. bf16 and int8 tables convert every element they read, which token-major
+// does once per entry and bucket-major once per row: on the AVX-512 host bucket-major took 0.44-0.54x
+// token-major's time for bf16 and 0.31-0.99x for int8 at 2 entries per row (d = 512-1024, N = 512),
+// and at 1.5 entries 0.61-0.67x (bf16) and 0.41-0.46x (int8); at 1 entry bf16 lost at d = 512 (1.7x):
+// bucket_min_half_entries_lowp 3 (1.5 entries) there, the fp32 rule elsewhere.
+static bool want_csr(int64_t N, int64_t K, int64_t R, int64_t table_bytes, int64_t elem_bytes) {
   const int64_t nt = at::get_num_threads();
   if (g_opt.fwd_algo == 2) return true;
   if (g_opt.fwd_algo != 0) return false;
   if (N <= g_opt.small_n * nt || N < g_opt.bucket_min_n || table_bytes < g_opt.bucket_min_table_bytes) return false;
-  return N * K >= g_opt.bucket_min_entries * R;  // entries per table row, N K / R
+  const int64_t half_entries = elem_bytes >= 4 ? 2 * g_opt.bucket_min_entries : g_opt.bucket_min_half_entries_lowp;
+  return 2 * N * K >= half_entries * R;  // twice the entries per table row, 2 N K / R
 }
 
 static bool want_csr(int64_t N, int64_t K, int64_t R, at::TensorList tables) {
-  int64_t bytes = 0;
-  for (const auto& t : tables) bytes = std::max<int64_t>(bytes, t.numel() * t.element_size());
-  return want_csr(N, K, R, bytes);
+  int64_t bytes = 0, elem = 4;
+  for (const auto& t : tables) {
+    bytes = std::max<int64_t>(bytes, t.numel() * t.element_size());
+    elem = std::min<int64_t>(elem, t.element_size());
+  }
+  return want_csr(N, K, R, bytes, elem);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -524,7 +536,7 @@ at::Tensor memory_layer_q8(const at::Tensor& x_, const at::Tensor& qtable_, cons
   const at::Tensor b = bias_f32(bias, d);
   at::Tensor out = at::empty({N, d}, x.options().dtype(at::kFloat));
   if (N == 0) return out;
-  const Hashed hd(x, hs, N, R, want_csr(N, K, R, qt.numel()));
+  const Hashed hd(x, hs, N, R, want_csr(N, K, R, qt.numel(), 1));
   const std::vector<int32_t>& rows = hd.rows;
   const std::vector<float>& w = hd.w;
   const bool use_csr = hd.sorted;
@@ -650,7 +662,7 @@ at::Tensor gather_sum(const at::Tensor& rows, const at::Tensor& weights, const a
   const at::Tensor wt = weights.to(at::kFloat).contiguous();
   const float* w = wt.data_ptr<float>();
   CSR csr;
-  const bool use_csr = want_csr(N, K, R, t.numel() * t.element_size());
+  const bool use_csr = want_csr(N, K, R, t.numel() * t.element_size(), t.element_size());
   if (use_csr) build_csr(r.data(), w, N, K, R, csr);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (t.scalar_type() == at::kFloat) {
