@@ -27,30 +27,38 @@ def machine() -> dict:
     return info
 
 
-def cpu_details() -> dict:
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the vector features the kernels and torch use
+_SIZE_UNITS = {"K": 1, "M": 1024, "G": 1024 * 1024}
+
+
+def cpu_details(root: Path = Path("/")) -> dict:
     """What tells one host's CPU from another behind the same model name (a VM's "AMD EPYC" has been
-    more than one chip): cpu_family / cpu_model from /proc/cpuinfo, torch's vector ISA
-    (cpu_capability, e.g. AVX512 or AVX2) and the L2 (per core) and L3 sizes in KiB. Missing fields are
-    left out."""
+    more than one chip): cpu_family / cpu_model and which of CPU_FLAGS it has (cpu_flags) from
+    /proc/cpuinfo, torch's vector ISA (cpu_capability, e.g. AVX512 or AVX2), and cpu0's L2 and L3 cache
+    sizes in KiB (l2_kib, l3_kib; an L2 or L3 may be shared by several cores). Fields it cannot read
+    are left out; it never raises. `root`: where /proc and /sys are (tests)."""
     info: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
+        for line in (root / "proc/cpuinfo").read_text().splitlines():
             if not line.strip():
                 break  # the first processor's block is enough
+            key, _, value = line.partition(":")
             field = {"cpu family": "cpu_family", "model": "cpu_model"}.get(key.strip())
             if field:
                 info[field] = value.strip()
-    except OSError:
+            elif key.strip() == "flags":
+                info["cpu_flags"] = [f for f in CPU_FLAGS if f in value.split()]
+    except (OSError, UnicodeDecodeError):
         pass
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+    for index in sorted((root / "sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
             size = (index / "size").read_text().strip()
-        except OSError:
+            kib = int(size[:-1]) * _SIZE_UNITS[size[-1]]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError):
             continue
-        if level in ("2", "3") and kind in ("Unified", "Data") and size.endswith("K"):
-            info[f"l{level}_kib"] = int(size[:-1])
+        if level in ("2", "3") and kind in ("Unified", "Data"):
+            info[f"l{level}_kib"] = kib
     return info
 
 

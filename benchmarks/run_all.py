@@ -312,7 +312,7 @@ def targets(results: dict[str, dict]) -> list[dict]:
 
 
 def describe_machine(m: dict | None) -> str:
-    """'CPU (family F model M, ISA, L2 x KiB/core, L3 y MiB), N threads, torch X[, GPU Y]' from a results
+    """'CPU (family F model M, ISA, flags, L2 x KiB, L3 y MiB), N threads, torch X[, GPU Y]' from a results
     file's machine record (the parenthesis holds what it records, common.cpu_details)."""
     if not isinstance(m, dict):
         return "unknown machine"
@@ -321,10 +321,12 @@ def describe_machine(m: dict | None) -> str:
         detail.append(f"family {m['cpu_family']} model {m.get('cpu_model', '?')}")
     if m.get("cpu_capability"):
         detail.append(str(m["cpu_capability"]))
-    if "l2_kib" in m:
-        detail.append(f"L2 {m['l2_kib']} KiB/core")
-    if "l3_kib" in m:
-        detail.append(f"L3 {m['l3_kib'] // 1024} MiB" if m["l3_kib"] >= 1024 else f"L3 {m['l3_kib']} KiB")
+    if m.get("cpu_flags"):
+        detail.append(" ".join(m["cpu_flags"]))
+    for level in ("l2", "l3"):
+        kib = m.get(f"{level}_kib")
+        if isinstance(kib, int):
+            detail.append(f"{level.upper()} " + (f"{kib / 1024:g} MiB" if kib >= 1024 else f"{kib} KiB"))
     parts = [str(m.get("cpu", "unknown CPU")) + (f" ({', '.join(detail)})" if detail else "")]
     if "torch_threads" in m:
         parts.append(f"{m['torch_threads']} threads")

@@ -402,20 +402,47 @@ def test_machine_speed_measures_positive_rates() -> None:
 
 
 def test_results_name_the_cpu_behind_the_model_name(tmp_path, monkeypatch) -> None:
-    """The machine record holds torch's vector ISA (and, on Linux, family, model and cache sizes); the
-    results' Machine line and the summary show them, and a record without them still reads."""
-    details = common.cpu_details()
-    assert details["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert all(isinstance(details[k], int) and details[k] > 0 for k in ("l2_kib", "l3_kib") if k in details)
-    record = {**MACHINE, "cpu_family": "26", "cpu_model": "2", "cpu_capability": "AVX512", "l2_kib": 1024,
-              "l3_kib": 32768}
-    line = "Test CPU (family 26 model 2, AVX512, L2 1024 KiB/core, L3 32 MiB), 2 threads, torch 9.9.9"
+    """The machine record's CPU details: the results' Machine line and the summary show them, and a
+    record without them still reads."""
+    record = {**MACHINE, "cpu_family": "26", "cpu_model": "2", "cpu_capability": "AVX512",
+              "cpu_flags": ["avx2", "avx512f"], "l2_kib": 1024, "l3_kib": 39424}
+    line = "Test CPU (family 26 model 2, AVX512, avx2 avx512f, L2 1 MiB, L3 38.5 MiB), 2 threads, torch 9.9.9"
     assert run_all.describe_machine(record) == line
+    assert run_all.describe_machine({**MACHINE, "l2_kib": 512}) == "Test CPU (L2 512 KiB), 2 threads, torch 9.9.9"
     assert run_all.describe_machine(MACHINE) == "Test CPU, 2 threads, torch 9.9.9"
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(common, "machine", lambda: record)
     monkeypatch.setattr(common, "machine_speed", lambda: {"matmul_gflops": 1.0, "copy_gb_s": 1.0})
     common.write_results("layer", [layer_row(1, "fwd", 0.1)], [("ratio", "ratio")], title="t")
-    assert f"Machine: {line}  " in (tmp_path / "layer.md").read_text()
-    text, summary = run_all.build_summary(tmp_path)
+    assert f"Machine: {line}  " in (tmp_path / "results" / "layer.md").read_text()
+    text, summary = run_all.build_summary(tmp_path / "results")
     assert summary["sources"]["layer"]["machine"] == line
+
+
+def _fake_host(root: Path, cpuinfo: str, caches: dict[str, tuple[str, str, str]]) -> Path:
+    (root / "proc").mkdir(parents=True)
+    (root / "proc" / "cpuinfo").write_text(cpuinfo)
+    for name, fields in caches.items():
+        index = root / "sys/devices/system/cpu/cpu0/cache" / name
+        index.mkdir(parents=True)
+        for key, value in zip(("level", "type", "size"), fields, strict=True):
+            if value is not None:
+                (index / key).write_text(value + "\n")
+    return root
+
+
+def test_cpu_details_reads_the_first_processor_and_cpu0_caches(tmp_path) -> None:
+    x86 = ("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+           "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\nflags\t\t: fpu\n")
+    root = _fake_host(tmp_path / "x86", x86, {"index0": ("1", "Data", "48K"), "index1": ("1", "Instruction", "32K"),
+                                               "index2": ("2", "Unified", "1024K"), "index3": ("3", "Unified", "32M")})
+    details = common.cpu_details(root)
+    assert details["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {k: v for k, v in details.items() if k != "cpu_capability"} == {
+        "cpu_family": "26", "cpu_model": "2", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"],
+        "l2_kib": 1024, "l3_kib": 32768}
+    # an ARM host: no family, no x86 flags; a missing size file and a size it cannot parse are left out
+    arm = "processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n"
+    root = _fake_host(tmp_path / "arm", arm, {"index2": ("2", "Unified", None), "index3": ("3", "Unified", "lots")})
+    assert set(common.cpu_details(root)) == {"cpu_capability"}
+    assert set(common.cpu_details(tmp_path / "nothing-here")) == {"cpu_capability"}
