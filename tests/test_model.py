@@ -96,8 +96,15 @@ def test_rms_norm_matches_the_written_out_formula_with_gradients():
     zero = torch.zeros(2, 12, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(norm(zero).sum(), zero)
     torch.testing.assert_close(g, (norm.weight / norm.eps).expand(2, 12).detach())
-    half = norm.float()(torch.randn(4, 12).to(torch.bfloat16))
-    assert half.dtype == torch.bfloat16
+    norm32 = RMSNorm(12, eps=1e-6)
+    norm32.load_state_dict(norm.state_dict())
+    x32 = torch.randn(4, 12)
+    for low in (torch.bfloat16, torch.float16):  # computed in float32, returned in the input's dtype
+        out = norm32(x32.to(low))
+        assert out.dtype == low
+        torch.testing.assert_close(out, norm32(x32.to(low).float()).to(low), rtol=0, atol=0)
+        torch.testing.assert_close(out.float(), norm32(x32), rtol=2e-2, atol=2e-2)
+    assert RMSNorm(0)(torch.zeros(3, 0)).shape == (3, 0)
 
 
 def test_memoryformer_block_matches_handwritten_reference():
