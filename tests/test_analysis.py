@@ -193,6 +193,11 @@ def test_plots_are_written(tmp_path):
     assert plot_loss_curves(runs, tmp_path / "l.png").stat().st_size > 10_000
     rows = [{"name": "a", "val_loss": 3.0}, {"name": "a", "val_loss": 3.2}, {"name": "b", "val_loss": 3.5}]
     assert plot_arms(rows, tmp_path / "b.png", title="t", label="name").stat().st_size > 5_000
+    # diverged arms (inf / nan losses), one seed of two or all of them: labelled, not a crash
+    rows += [{"name": "c", "val_loss": float("inf")}, {"name": "a", "val_loss": float("nan")}]
+    assert plot_arms(rows, tmp_path / "b2.png", title="t", label="name").stat().st_size > 5_000
+    gone = [{"name": "x", "val_loss": float("inf")}, {"name": "y", "val_loss": float("nan")}]
+    assert plot_arms(gone, tmp_path / "b3.png", title="t", label="name").stat().st_size > 5_000
     sweep = [{"arch": a, "lr": lr, "val_loss": v} for a, lr, v in
              (("MF", 1e-3, 4.0), ("MF", 3e-3, 3.5), ("MF", 3e-3, 3.6), ("twin", 1e-3, 4.1), ("twin", 3e-3, 4.2))]
     assert plot_lr_sweep(sweep, tmp_path / "s.png", title="t", group=lambda r: r["arch"]).stat().st_size > 10_000

@@ -388,3 +388,19 @@ def test_pending_arms_run_cheapest_first():
     assert Planner(s, series, [resumed, *rows[1:]]).seconds_per_token == planner.seconds_per_token
     unmeasured = next(a for a in pending if a.labels["series"] not in ("MF", "twin"))
     assert planner.expected_seconds(unmeasured) == pytest.approx(unmeasured.labels["budget"] * 5e-3)
+
+
+def test_conversion_plot_with_diverged_arms(tmp_path):
+    """A student that diverged has val loss inf (or nan): the plot labels it and scales its axis from the
+    finite losses instead of failing ('Axis limits cannot be NaN or Inf'), also when every arm diverged."""
+    from memoryformer.research.reproduce.conversion_report import plot
+
+    def arm(loss, curve=((256, 3.0), (512, 2.5))):
+        return {"val_loss": loss, "lr": 0.03, "curve": [list(c) for c in curve]}
+
+    models = {"teacher": arm(1.56), "converted": arm(5.0), "converted+distilled": arm(float("inf")),
+              "converted+trained": arm(float("nan"), ((256, float("nan")),)), "scratch": arm(1.6),
+              "scratch+distilled": arm(1.58)}
+    assert plot({"models": models}, tmp_path / "some.png").stat().st_size > 0
+    everything = {k: arm(float("inf")) for k in models}
+    assert plot({"models": everything}, tmp_path / "none.png").stat().st_size > 0

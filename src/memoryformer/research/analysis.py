@@ -416,15 +416,22 @@ def plot_arms(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str
         raise ValueError(f"no rows with {key!r} to plot")
     names = list(groups)
     means = [statistics.fmean(v) for v in groups.values()]
+    # a diverged arm's value is inf or nan: no bar, a label, and the axis from the finite values
+    finite = [x for v in groups.values() for x in v if math.isfinite(x)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    span = max(hi - lo, 1e-3)
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.4))
-    ax.barh(range(len(names)), means, color="tab:blue", alpha=0.7)
     for i, values in enumerate(groups.values()):
-        ax.plot(values, [i] * len(values), "k.", ms=5)
-        ax.text(means[i], i, f" {means[i]:.3f}", va="center", fontsize=8)
+        shown = [x for x in values if math.isfinite(x)]
+        ax.plot(shown, [i] * len(shown), "k.", ms=5)
+        if math.isfinite(means[i]):
+            ax.barh(i, means[i], color="tab:blue", alpha=0.7)
+            ax.text(means[i], i, f" {means[i]:.3f}", va="center", fontsize=8)
+        else:
+            ax.text(lo - 0.6 * span, i, f" diverged ({len(values) - len(shown)} of {len(values)})", va="center",
+                    fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
-    lo, hi = min(min(v) for v in groups.values()), max(max(v) for v in groups.values())
-    span = max(hi - lo, 1e-3)
     ax.set_xlim(lo - 0.6 * span, hi + 0.6 * span)
     ax.set_xlabel("held-out cross-entropy (nats/token), lower is better" if key == "val_loss" else key)
     ax.set_title(title, fontsize=10)

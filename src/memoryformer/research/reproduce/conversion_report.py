@@ -111,24 +111,33 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     m = report["models"]
     fig, (ax, end) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     keys = [k for k in ("converted+distilled", "converted+trained", "scratch", "scratch+distilled") if k in m]
+    # a diverged arm's loss is inf (or nan): no bar, a label, and the axis from the finite losses
+    finite = [v for v in (m[k]["val_loss"] for k in [*keys, "teacher"]) if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     for i, key in enumerate(keys):
         if m[key]["curve"]:
             xs, ys = zip(*m[key]["curve"])
             ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=f"{LABELS[key]} (lr {m[key]['lr']:g})")
-        end.barh(i, m[key]["val_loss"], color=f"C{i}")
-        end.text(m[key]["val_loss"], i, f" {m[key]['val_loss']:.3f}", va="center", fontsize=8)
+        loss = m[key]["val_loss"]
+        if math.isfinite(loss):
+            end.barh(i, loss, color=f"C{i}")
+            end.text(loss, i, f" {loss:.3f}", va="center", fontsize=8)
+        else:
+            end.text(low - 0.2, i, " diverged", va="center", fontsize=8, color=f"C{i}")
     ax.set_xlabel("training tokens of the student")
     ax.set_ylabel("loss on a few held-out batches (nats/token)")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("During training (evaluation batches)", fontsize=10)
-    end.axvline(m["teacher"]["val_loss"], color="k", ls="--", lw=1, label=f"{LABELS['teacher']} {m['teacher']['val_loss']:.3f}")
+    if math.isfinite(m["teacher"]["val_loss"]):
+        end.axvline(m["teacher"]["val_loss"], color="k", ls="--", lw=1,
+                    label=f"{LABELS['teacher']} {m['teacher']['val_loss']:.3f}")
     end.set_yticks(range(len(keys)), [LABELS[k].split(") ")[0] + ")" for k in keys])
-    low = min(m[k]["val_loss"] for k in keys + ["teacher"])
-    end.set_xlim(low - 0.2, max(m[k]["val_loss"] for k in keys) + 0.25)
+    end.set_xlim(low - 0.2, high + 0.25)
     end.set_xlabel("full held-out split, end of training (nats/token)")
-    end.legend(fontsize=7, loc="lower right")
+    if math.isfinite(m["teacher"]["val_loss"]):  # the teacher's line is the legend's one entry
+        end.legend(fontsize=7, loc="lower right")
     end.set_title(f"End ({LABELS['converted']}: {m['converted']['val_loss']:.2f})", fontsize=10)
     fig.suptitle("Converting a dense twin into a MemoryFormer")
     fig.tight_layout()
