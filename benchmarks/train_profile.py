@@ -33,6 +33,10 @@ from memoryformer.train.optim import clip_gradients, folds_clipping, step_clippe
 
 FUSED = True
 PHASES = ("blocks forward", "head + loss forward", "backward", "grad clip", "optimizer", "zero_grad")
+PROFILER_CAVEAT = ("The table's phase times are wall clocks without the profiler. The op lists below come from "
+                   "one step under torch.profiler, which inflated the Memory Layer ops' self time 4-14x "
+                   "against their plain timings (docs/performance.md): read them for which ops run, and "
+                   "the table for how long a phase takes.")
 
 
 def study_pair() -> tuple[dict, dict, tuple[int, int]]:
@@ -163,6 +167,7 @@ def main() -> None:
         notes += [op_notes(pair, "MemoryFormer", mf), op_notes(pair, "dense twin", dense)]
         print(f"{pair}: step {mf['step_ms']:.1f} ms vs {dense['step_ms']:.1f} ms "
               f"(ratio {mf['step_ms'] / dense['step_ms']:.2f})", flush=True)
+    notes.insert(0, PROFILER_CAVEAT)
     write_results("train_profile", rows, [("pair", "pair"), ("phase", "phase"), ("mf_ms", "MF ms"),
                                           ("mf_share", "MF share"), ("dense_ms", "dense ms"),
                                           ("dense_share", "dense share"), ("ratio", "MF / dense")],
